@@ -1,0 +1,1 @@
+"""Train, evaluate, export and serve small image classifiers (MNIST, Fashion-MNIST)."""

@@ -1,0 +1,107 @@
+"""Evaluate stage: test-set metrics, confusion matrix and plots of one trained model."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import click
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.common import atomic_path, stage_command, write_json, write_text  # noqa: E402
+from pipeline.data import load_split  # noqa: E402
+from pipeline.models import load_checkpoint  # noqa: E402
+from pipeline.train import predict_logits, score, to_inputs  # noqa: E402
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts (true class, predicted class)."""
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def evaluate(model: torch.nn.Module, ckpt: dict, images: np.ndarray, labels: np.ndarray,
+             batch_size: int = 1000) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(metrics, confusion matrix, predicted classes) of `model` on a labelled split."""
+    norm = ckpt["normalization"]
+    x = to_inputs(images, norm["mean"], norm["std"], torch.device("cpu"))
+    y = torch.from_numpy(labels)
+    logits = predict_logits(model, x, batch_size)
+    loss, acc = score(logits, y)
+    pred = logits.argmax(1).numpy()
+    classes = ckpt["class_names"]
+    cm = confusion_matrix(labels, pred, len(classes))
+    per_class = {name: round(100.0 * cm[i, i] / max(cm[i].sum(), 1), 2) for i, name in enumerate(classes)}
+    metrics = {
+        "accuracy": round(acc, 2),
+        "loss": round(loss, 4),
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_time_s": round(ckpt["train_time_s"], 1),
+        "device": ckpt["device"],
+        "epochs": len(ckpt["history"]),
+        "per_class_accuracy": per_class,
+    }
+    return metrics, cm, pred
+
+
+def predictions_csv(labels: np.ndarray, pred: np.ndarray, classes: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["actual", "predicted"])
+    writer.writerows((classes[a], classes[p]) for a, p in zip(labels, pred))
+    return buf.getvalue()
+
+
+def plot_report(ckpt: dict, metrics: dict, cm: np.ndarray, path: str | Path) -> None:
+    """Training curves and confusion matrix of one model, in one PNG."""
+    history, classes = ckpt["history"], ckpt["class_names"]
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc, ax_cm) = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [1, 1, 1.2]})
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax_loss.plot(epochs, [h["test_loss"] for h in history], "o-", label="test")
+    ax_loss.set(title="loss", xlabel="epoch", yscale="log")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [h["test_accuracy"] for h in history], "o-", color="tab:green")
+    ax_acc.set(title="test accuracy (%)", xlabel="epoch")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    ax_cm.imshow(np.log1p(cm), cmap="Blues")
+    for (i, j), n in np.ndenumerate(cm):
+        if n:
+            ax_cm.text(j, i, n, ha="center", va="center", fontsize=7, color="white" if i == j else "black")
+    short = [c.split(" - ")[0] for c in classes]
+    ax_cm.set(title="confusion matrix (test)", xlabel="predicted", ylabel="actual",
+              xticks=range(len(classes)), yticks=range(len(classes)))
+    ax_cm.set_xticklabels(short, rotation=45, ha="right")
+    ax_cm.set_yticklabels(short)
+    fig.suptitle(f"{ckpt['arch']} on {ckpt['dataset']}: {metrics['accuracy']:.2f}% test accuracy")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+@click.command(help="Evaluate a trained checkpoint on the test split of its data set.")
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False), help="Checkpoint (.pt).")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--metrics", "metrics_path", required=True, type=click.Path(dir_okay=False), help="JSON to write.")
+@click.option("--predictions", required=True, type=click.Path(dir_okay=False), help="CSV (actual, predicted) to write.")
+@click.option("--plot", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
+@stage_command
+def main(model_path: str, data_dir: str, metrics_path: str, predictions: str, plot: str) -> None:
+    model, ckpt = load_checkpoint(model_path)
+    images, labels = load_split(data_dir, "test")
+    metrics, cm, pred = evaluate(model, ckpt, images, labels)
+    write_text(predictions, predictions_csv(labels, pred, ckpt["class_names"]))
+    plot_report(ckpt, metrics, cm, plot)
+    write_json(metrics_path, metrics)
+    print(f"{ckpt['arch']} on {ckpt['dataset']}: accuracy {metrics['accuracy']:.2f}%  loss {metrics['loss']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

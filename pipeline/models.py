@@ -1,0 +1,120 @@
+"""The four architectures of the seed recipes, looked up by name in a registry."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MODELS: dict[str, type[nn.Module]] = {}
+
+
+def register(cls: type[nn.Module]) -> type[nn.Module]:
+    MODELS[cls.name] = cls
+    return cls
+
+
+def list_models() -> list[str]:
+    return list(MODELS)
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    if name not in MODELS:
+        raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(MODELS)}")
+    return MODELS[name](**kwargs)
+
+
+@register
+class Softmax(nn.Module):
+    """Softmax regression on the flattened image (seed 004)."""
+
+    name = "softmax"
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.fc = nn.Linear(28 * 28, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 28, 28) -> (B, C)
+        return self.fc(x.flatten(1))
+
+
+@register
+class MLP(nn.Module):
+    """784-256-128-10 ReLU network with dropout between the hidden layers (seeds 000, 003)."""
+
+    name = "mlp"
+
+    def __init__(self, num_classes: int = 10, dropout: float = 0.2):
+        super().__init__()
+        self.fc1 = nn.Linear(28 * 28, 256)
+        self.fc2 = nn.Linear(256, 128)
+        self.fc3 = nn.Linear(128, num_classes)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.fc1(x.flatten(1)))  # (B, 256)
+        x = self.dropout(x)
+        x = torch.relu(self.fc2(x))  # (B, 128)
+        x = self.dropout(x)
+        return self.fc3(x)
+
+
+@register
+class SimpleCNN(nn.Module):
+    """Two 5x5 convolutions with max-pooling and one linear layer (seed 002), returning logits."""
+
+    name = "simple_cnn"
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
+        self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(320, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.pool(self.conv1(x)))  # (B, 10, 12, 12)
+        x = torch.relu(self.pool(self.conv2(x)))  # (B, 20, 4, 4)
+        return self.fc(x.flatten(1))
+
+
+def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
+@register
+class CNN(nn.Module):
+    """Three 3x3 conv-BN-ReLU blocks and a BN MLP head (seed 001), flattening from dim 1."""
+
+    name = "cnn"
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            *conv_bn(1, 16),
+            *conv_bn(16, 32),
+            nn.MaxPool2d(2),  # (B, 32, 14, 14)
+            *conv_bn(32, 64),
+            nn.MaxPool2d(2),  # (B, 64, 7, 7)
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(64 * 7 * 7, 128), nn.BatchNorm1d(128), nn.ReLU(),
+            nn.Linear(128, 64), nn.BatchNorm1d(64), nn.ReLU(),
+            nn.Linear(64, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+def load_checkpoint(path, map_location="cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a model from a checkpoint written by the train stage; the model is in eval mode."""
+    from pipeline.common import PipelineError
+
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        model = create_model(ckpt["arch"], num_classes=len(ckpt["class_names"]), **ckpt["model_args"])
+        model.load_state_dict(ckpt["state_dict"])
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: no such checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - corrupt, truncated or foreign files
+        raise PipelineError(f"{path}: not a valid checkpoint ({type(e).__name__}: {e})".splitlines()[0]) from None
+    return model.eval(), ckpt

@@ -1,0 +1,123 @@
+"""Typed view of params.yaml, validated before any stage does work."""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.common import PipelineError
+from pipeline.data import DATASETS
+from pipeline.models import MODELS
+
+PARAMS_FILE = "params.yaml"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Plateau(Strict):
+    """torch.optim.lr_scheduler.ReduceLROnPlateau, stepped on the epoch's last training batch loss (seed 001)."""
+
+    mode: Literal["min", "max"] = "min"
+    factor: float = Field(0.1, gt=0, lt=1)
+    patience: int = Field(1, ge=0)
+    threshold: float = Field(0.1, ge=0)
+
+
+class Recipe(Strict):
+    optimizer: Literal["sgd", "adam"]
+    lr: float = Field(gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    batch_size: int = Field(gt=0)
+    drop_last: bool = False
+    epochs: int = Field(gt=0)
+    normalize: bool = False  # standardise with the data set's mean/std, else only scale to [0, 1]
+    model_args: dict[str, Any] = {}
+    scheduler: Optional[Plateau] = None
+
+
+class DatasetParams(Strict):
+    mean: float = Field(ge=0, le=1)
+    std: float = Field(gt=0, le=1)
+    hflip: bool  # random horizontal flip augmentation (clothes yes, digits no)
+    preprocess: Literal["digit", "fashion"]  # how `infer` brings a user's image to 28x28
+
+
+class DataParams(Strict):
+    train_limit: Optional[int] = Field(None, gt=0)  # quick runs: train on the first N images only
+
+
+class TrainParams(Strict):
+    epochs: Optional[int] = Field(None, gt=0)  # quick runs: replaces every recipe's epoch count
+    eval_batch_size: int = Field(1000, gt=0)
+    threads: int = Field(0, ge=0)  # torch intra-op threads on the CPU; 0 = torch's default
+    channels_last: bool = True  # NHWC memory format for the convolutional models
+
+
+class Params(Strict):
+    seed: int
+    device: Literal["auto", "cpu", "cuda"]
+    data: DataParams
+    train: TrainParams
+    datasets: dict[str, DatasetParams]
+    recipes: dict[str, Recipe]
+
+    @field_validator("datasets")
+    @classmethod
+    def known_datasets(cls, v: dict) -> dict:
+        for name in v:
+            if name not in DATASETS:
+                raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+        return v
+
+    @field_validator("recipes")
+    @classmethod
+    def known_architectures(cls, v: dict) -> dict:
+        for name, recipe in v.items():
+            if name not in MODELS:
+                raise ValueError(f"unknown architecture {name!r}; allowed: {', '.join(MODELS)}")
+            accepted = set(inspect.signature(MODELS[name]).parameters) - {"num_classes"}
+            for arg in recipe.model_args:
+                if arg not in accepted:
+                    raise ValueError(f"{name}.model_args: unknown argument {arg!r}; allowed: {', '.join(sorted(accepted)) or 'none'}")
+        return v
+
+    @model_validator(mode="after")
+    def everything_covered(self) -> "Params":
+        for kind, have, known in (("datasets", self.datasets, DATASETS), ("recipes", self.recipes, MODELS)):
+            missing = [k for k in known if k not in have]
+            if missing:
+                raise ValueError(f"{kind}: missing {', '.join(missing)}")
+        return self
+
+    def recipe(self, arch: str) -> Recipe:
+        """The recipe of `arch` with the quick-run epoch override applied."""
+        recipe = self.recipes[arch]
+        if self.train.epochs is not None:
+            recipe = recipe.model_copy(update={"epochs": self.train.epochs})
+        return recipe
+
+
+def describe(error: dict) -> str:
+    where = ".".join(str(p) for p in error["loc"])
+    got = "" if error["type"] in ("missing", "value_error") else f" (got {error['input']!r})"
+    return f"{where}: {error['msg']}{got}" if where else f"{error['msg']}{got}"
+
+
+def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise PipelineError(f"{source}: " + "; ".join(describe(err) for err in e.errors())) from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise PipelineError(f"{path}: cannot read params ({e})".replace("\n", " ")) from None
+    return parse_params(raw, str(path))
