@@ -1,6 +1,7 @@
 """Export stage: TorchScript and ONNX files of one checkpoint, written only if they match PyTorch."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -26,25 +27,33 @@ TOLERANCE = 1e-4  # largest absolute logit difference allowed between PyTorch an
 METADATA_FILE = "metadata.json"  # the ModelCard inside a TorchScript archive (_extra_files)
 
 
-def to_torchscript(model: nn.Module) -> torch.jit.ScriptModule:
-    # TorchScript is deprecated upstream and torch.jit.script warns on every call; users still ask
-    # for the format, so the warning is expected here and silenced for this call only.
+@contextlib.contextmanager
+def torchscript_deprecation_expected():
+    """TorchScript is deprecated upstream and torch.jit.script/save/load warn on every call. Users still
+    ask for the format, so that one warning is expected and silenced here, and only here."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        yield
+
+
+def to_torchscript(model: nn.Module) -> torch.jit.ScriptModule:
+    with torchscript_deprecation_expected():
         return torch.jit.script(model)
 
 
 def torchscript_bytes(scripted: torch.jit.ScriptModule, card: ModelCard) -> bytes:
     buf = io.BytesIO()
     extra = {METADATA_FILE: json.dumps(card.to_metadata(), sort_keys=True)}
-    torch.jit.save(scripted, buf, _extra_files=extra)
+    with torchscript_deprecation_expected():
+        torch.jit.save(scripted, buf, _extra_files=extra)
     return buf.getvalue()
 
 
 def load_torchscript(path: str | os.PathLike) -> tuple[torch.jit.ScriptModule, ModelCard]:
     extra = {METADATA_FILE: ""}
     try:
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        with torchscript_deprecation_expected():
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         card = ModelCard.from_metadata(json.loads(extra[METADATA_FILE] or "{}"))
     except Exception as e:  # noqa: BLE001 - missing, corrupt, truncated or foreign files
         raise PipelineError(f"{path}: not a TorchScript model of this project ({type(e).__name__}: {e})".splitlines()[0]) from None

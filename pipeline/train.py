@@ -50,9 +50,11 @@ def random_hflip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask[:, None, None, None], x.flip(-1), x)
 
 
-def epoch_batches(n: int, batch_size: int, drop_last: bool, generator: torch.Generator) -> list[torch.Tensor]:
-    """Index slices of one shuffled permutation, as the seeds' DataLoader(shuffle=True) yields them."""
-    perm = torch.randperm(n, generator=generator)
+def epoch_batches(n: int, batch_size: int, drop_last: bool, generator: torch.Generator,
+                  device: torch.device | None = None) -> list[torch.Tensor]:
+    """Index slices of one shuffled permutation, as the seeds' DataLoader(shuffle=True) yields them.
+    The permutation is drawn on the CPU (reproducible everywhere) and moved to `device` once."""
+    perm = torch.randperm(n, generator=generator).to(device)
     stop = n - n % batch_size if drop_last else n
     return [perm[i:i + batch_size] for i in range(0, stop, batch_size)]
 
@@ -63,7 +65,6 @@ def train_epoch(model, optimizer, x, y, batches, flip=None, progress=None) -> tu
     total = torch.zeros((), device=x.device)
     count = 0
     for idx in batches:
-        idx = idx.to(x.device, non_blocking=True)
         xb, yb = x[idx], y[idx]
         if flip is not None:
             xb = random_hflip(xb, flip[idx])
@@ -101,7 +102,7 @@ def fit(model, recipe: Recipe, train_x, train_y, test_x, test_y, *, hflip: bool,
     history = []
     for epoch in range(1, recipe.epochs + 1):
         start = time.perf_counter()
-        batches = epoch_batches(len(train_x), recipe.batch_size, recipe.drop_last, generator)
+        batches = epoch_batches(len(train_x), recipe.batch_size, recipe.drop_last, generator, train_x.device)
         flip = (torch.rand(len(train_x), generator=generator) < 0.5).to(train_x.device) if hflip else None
         lr = optimizer.param_groups[0]["lr"]
         with tqdm(total=len(batches), desc=f"epoch {epoch}/{recipe.epochs}", unit="batch",

@@ -1,0 +1,233 @@
+"""Benchmark: training and inference throughput of the pipeline against the seeds' way, and cold `infer`."""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchvision import transforms
+
+from pipeline.common import stage_command, write_json
+from pipeline.data import DATASETS, dataset_info, load_split
+from pipeline.export import onnx_session, to_onnx, to_torchscript
+from pipeline.modelcard import INPUT_NAME, INPUT_SPEC, OUTPUT_NAME, ModelCard
+from pipeline.models import MODELS, create_model
+from pipeline.params import Params, load_params
+from pipeline.train import epoch_batches, make_optimizer, normalization, pick_device, to_inputs, train_epoch
+
+
+# ---------------------------------------------------------------------------- the seeds' way
+
+def seed_dataset(dataset: str, data_dir: str | Path, train: bool, transform) -> torch.utils.data.Dataset:
+    """torchvision's own MNIST / FashionMNIST class, reading the IDX files the data stage wrote."""
+    tv = dataset_info(dataset).tv_class
+    local = type(f"Local{tv.__name__}", (tv,), {"raw_folder": property(lambda self: str(data_dir))})
+    return local(root=str(data_dir), train=train, transform=transform, download=False)
+
+
+def seed_transform(params: Params, dataset: str, arch: str) -> transforms.Compose:
+    """ToTensor (+ Normalize) (+ RandomHorizontalFlip), per sample, as the seed scripts do."""
+    steps = [transforms.ToTensor()]
+    mean, std = normalization(params, dataset, params.recipe(arch))
+    if params.recipe(arch).normalize:
+        steps.append(transforms.Normalize((mean,), (std,)))
+    if params.datasets[dataset].hflip:
+        steps.append(transforms.RandomHorizontalFlip())
+    return transforms.Compose(steps)
+
+
+def seed_train_steps(model, optimizer, loader, device, steps: int | None = None) -> list[float]:
+    """The seeds' inner loop: a DataLoader batch at a time, moved to the device; returns each batch's loss."""
+    model.train()
+    losses = []
+    for i, (x, y) in enumerate(loader):
+        if steps is not None and i == steps:
+            break
+        x, y = x.to(device), y.to(device)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+# ---------------------------------------------------------------------------- timing helpers
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def training_throughput(params: Params, dataset: str, arch: str, data_dir: Path, device: torch.device,
+                        steps: int, repeats: int) -> dict:
+    """Images/s of the pipeline's loop and of the seeds' loop, alternated, medians over repeats."""
+    recipe = params.recipe(arch)
+    mean, std = normalization(params, dataset, recipe)
+    images, labels = load_split(data_dir, "train")
+    x, y = to_inputs(images, mean, std, device), torch.from_numpy(labels).to(device)
+    hflip = params.datasets[dataset].hflip
+    channels_last = params.train.channels_last
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    loader = DataLoader(seed_dataset(dataset, data_dir, True, seed_transform(params, dataset, arch)),
+                        batch_size=recipe.batch_size, shuffle=True, drop_last=recipe.drop_last)
+    generator = torch.Generator().manual_seed(params.seed)
+
+    def fresh():
+        model = create_model(arch, **recipe.model_args).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model, make_optimizer(model, recipe)
+
+    def pipeline_run():
+        batches = epoch_batches(len(x), recipe.batch_size, recipe.drop_last, generator, device)[:steps]
+        flip = (torch.rand(len(x), generator=generator) < 0.5).to(device) if hflip else None
+        train_epoch(*fresh(), x, y, batches, flip)
+
+    def seed_run():
+        seed_train_steps(*fresh(), loader, device, steps)
+
+    pipeline_run(), seed_run()  # warm-up: allocator, kernels, DataLoader
+    pipeline_s, seed_s = [], []
+    for _ in range(repeats):
+        pipeline_s.append(timed(pipeline_run, device))
+        seed_s.append(timed(seed_run, device))
+    images_done = steps * recipe.batch_size
+    ours, theirs = images_done / statistics.median(pipeline_s), images_done / statistics.median(seed_s)
+    return {"batch_size": recipe.batch_size, "steps": steps, "pipeline_img_s": round(ours),
+            "seed_loop_img_s": round(theirs), "ratio": round(ours / theirs, 2)}
+
+
+def inference_throughput(arch: str, batch: int, device: torch.device, seconds: float, repeats: int) -> dict:
+    """Images/s of eager PyTorch, TorchScript and onnxruntime (CPU provider) at one batch size."""
+    model = create_model(arch).eval()
+    scripted = to_torchscript(model)
+    card = ModelCard("mnist", arch, dataset_info("mnist").classes, 0.0, 1.0, "digit", float("nan"), {}, INPUT_SPEC)
+    session = onnx_session(to_onnx(model, card).SerializeToString())
+    x = torch.rand(batch, 1, 28, 28)
+    x_np = x.numpy()
+    model_dev, scripted_dev, x_dev = model.to(device), scripted.to(device), x.to(device)
+
+    def eager():
+        with torch.inference_mode():
+            model_dev(x_dev)
+
+    def script():
+        with torch.inference_mode():
+            scripted_dev(x_dev)
+
+    def ort():
+        session.run([OUTPUT_NAME], {INPUT_NAME: x_np})
+
+    runners = {"eager": eager, "torchscript": script, "onnxruntime": ort}
+    calls = {}
+    for name, fn in runners.items():  # calibrate calls per timing to about `seconds`
+        fn()
+        once = timed(fn, device)
+        calls[name] = max(1, int(seconds / max(once, 1e-6)))
+    times = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, fn in runners.items():
+            n = calls[name]
+            times[name].append(timed(lambda: [fn() for _ in range(n)], device) / n)
+    return {name: round(batch / statistics.median(t)) for name, t in times.items()}
+
+
+def cold_infer(model_path: Path, runs: int) -> dict:
+    """Wall time of a fresh `infer one.png` process, and of `python -c 'import onnxruntime'` for scale."""
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "digit.png"
+        canvas = np.full((200, 200), 255, np.uint8)
+        canvas[60:140, 90:100] = 0  # a dark "1" on white paper
+        Image.fromarray(canvas).save(png)
+        infer = [str(Path(sys.executable).with_name("infer")), str(png), "--model", str(model_path)]
+        baseline = [sys.executable, "-c", "import onnxruntime"]
+        subprocess.run(infer, check=True, capture_output=True)  # warm the file cache
+        result = {"infer_s": [], "import_onnxruntime_s": []}
+        for _ in range(runs):
+            for key, cmd in (("infer_s", infer), ("import_onnxruntime_s", baseline)):
+                start = time.perf_counter()
+                subprocess.run(cmd, check=True, capture_output=True)
+                result[key].append(time.perf_counter() - start)
+    return {key: round(statistics.median(v), 3) for key, v in result.items()}
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
+    line = lambda values: "  ".join(str(v).rjust(w) for v, w in zip(values, widths))  # noqa: E731
+    return "\n".join([line(columns), line("-" * w for w in widths)] + [line(r.get(c, "") for c in columns) for r in rows])
+
+
+@click.command(help="Measure training and inference throughput on this machine; print tables and write JSON.")
+@click.option("--data", "data_dir", default="data/mnist", show_default=True, type=click.Path(exists=True, file_okay=False),
+              help="A data set folder written by the data stage.")
+@click.option("--dataset", default="mnist", show_default=True, type=click.Choice(list(DATASETS)))
+@click.option("--arch", "archs", multiple=True, type=click.Choice(list(MODELS)), help="Default: every architecture.")
+@click.option("--steps", default=100, show_default=True, help="Training batches per timed run.")
+@click.option("--repeats", default=3, show_default=True, help="Timed runs per loop (alternated); medians reported.")
+@click.option("--device", "device_choice", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--infer-model", type=click.Path(dir_okay=False), help="ONNX file for the cold `infer` timing "
+              "(default: artifacts/cnn.onnx when it exists; skipped otherwise).")
+@click.option("--out", default="bench/results.json", show_default=True, type=click.Path(dir_okay=False))
+@stage_command
+def main(data_dir, dataset, archs, steps, repeats, device_choice, infer_model, out) -> None:
+    params = load_params()
+    device = pick_device(device_choice)
+    if params.train.threads:
+        torch.set_num_threads(params.train.threads)
+    archs = list(archs) or list(MODELS)
+    env = {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+           "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    print(f"benchmark on {env['device']} ({env['cpu_threads']} CPU threads), torch {env['torch']}", flush=True)
+
+    training = []
+    for arch in archs:
+        row = {"arch": arch} | training_throughput(params, dataset, arch, Path(data_dir), device, steps, repeats)
+        training.append(row)
+        print(f"  training {arch}: {row['ratio']}x", file=sys.stderr, flush=True)
+    print("\ntraining throughput (images/s, recipe batch size; seed loop = torchvision dataset + per-sample "
+          "transforms + DataLoader)")
+    print(table(training, ["arch", "batch_size", "pipeline_img_s", "seed_loop_img_s", "ratio"]))
+
+    inference = []
+    for arch in archs:
+        for batch in (1, 256):
+            inference.append({"arch": arch, "batch": batch} | inference_throughput(arch, batch, device, 0.2, repeats))
+    print("\ninference throughput (images/s; onnxruntime on its CPU provider)")
+    print(table(inference, ["arch", "batch", "eager", "torchscript", "onnxruntime"]))
+
+    results = {"environment": env, "training": training, "inference": inference}
+    model_path = Path(infer_model) if infer_model else Path("artifacts/cnn.onnx")
+    if model_path.exists():
+        results["cold_infer"] = cold_infer(model_path, runs=10) | {"model": str(model_path)}
+        print(f"\ncold `infer` of one PNG: {results['cold_infer']['infer_s']:.3f} s median of 10 "
+              f"(python -c 'import onnxruntime': {results['cold_infer']['import_onnxruntime_s']:.3f} s)")
+    else:
+        print(f"\ncold `infer`: skipped, {model_path} not found (run `dvc repro` or pass --infer-model)")
+    write_json(out, results)
+    print(f"\nwritten {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Shared fixtures: the local data mirror, fetched data sets and briefly trained, exported models."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MIRROR = Path(os.environ.get("DATASET_MIRROR", ROOT.parent / "shared" / "datasets"))
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    if not (MIRROR / "mnist").is_dir():
+        pytest.fail(f"dataset mirror not found at {MIRROR}; set DATASET_MIRROR")
+    return MIRROR
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory, mirror) -> Path:
+    """Both data sets fetched (and verified) from the mirror by the data stage's code."""
+    from pipeline.data import DATASETS, fetch
+
+    root = tmp_path_factory.mktemp("data")
+    os.environ["DATASET_MIRROR"] = str(mirror)
+    for name in DATASETS:
+        fetch(name, root / name, log=lambda msg: None)
+    return root
+
+
+@pytest.fixture(scope="session")
+def params():
+    from pipeline.params import load_params
+
+    return load_params(ROOT / "params.yaml")
+
+
+def quick_params(params, epochs: int = 1, train_limit: int = 3000):
+    return params.model_copy(update={
+        "device": "cpu",
+        "train": params.train.model_copy(update={"epochs": epochs}),
+        "data": params.data.model_copy(update={"train_limit": train_limit}),
+    })
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, data_root, params):
+    """export(dataset, arch) -> (onnx path, torchscript path, checkpoint): a briefly trained model, exported."""
+    import torch
+
+    from pipeline.data import load_split
+    from pipeline.export import export
+    from pipeline.modelcard import ModelCard
+    from pipeline.models import load_checkpoint
+    from pipeline.train import save_checkpoint, to_inputs, train
+
+    cache: dict = {}
+    out = tmp_path_factory.mktemp("exported")
+
+    def get(dataset: str = "mnist", arch: str = "cnn"):
+        if (dataset, arch) not in cache:
+            ckpt = train(quick_params(params), dataset, arch, data_root / dataset, log=lambda msg: None)
+            save_checkpoint(ckpt, out / f"{dataset}-{arch}.ckpt")
+            model, ckpt = load_checkpoint(out / f"{dataset}-{arch}.ckpt")
+            images, _ = load_split(data_root / dataset, "test")
+            x = to_inputs(images[:500], ckpt["normalization"]["mean"], ckpt["normalization"]["std"], torch.device("cpu"))
+            card = ModelCard.from_checkpoint(ckpt, test_accuracy=ckpt["history"][-1]["test_accuracy"])
+            ts_bytes, onnx_bytes, _ = export(model, card, x.numpy())
+            paths = out / f"{dataset}-{arch}.onnx", out / f"{dataset}-{arch}.pt"
+            paths[0].write_bytes(onnx_bytes)
+            paths[1].write_bytes(ts_bytes)
+            cache[dataset, arch] = (*paths, ckpt)
+        return cache[dataset, arch]
+
+    return get

@@ -1,0 +1,151 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline import export as ex
+from pipeline.common import PipelineError
+from pipeline.data import dataset_info
+from pipeline.modelcard import INPUT_NAME, INPUT_SPEC, OUTPUT_NAME, ModelCard
+from pipeline.models import create_model, list_models
+from tests.conftest import ROOT
+
+
+def card_for(arch: str, dataset: str = "mnist") -> ModelCard:
+    return ModelCard(dataset, arch, dataset_info(dataset).classes, 0.1307, 0.3081, "digit", 12.5,
+                     {"seed": 0, "recipe": {"lr": 0.1}}, INPUT_SPEC)
+
+
+@pytest.fixture(scope="module", params=list_models())
+def exported_random(request, tmp_path_factory):
+    """A random-weight model of each architecture, exported (BatchNorm statistics made non-trivial)."""
+    torch.manual_seed(0)
+    model = create_model(request.param)
+    with torch.no_grad():
+        model.train()(torch.randn(64, 1, 28, 28))  # move BatchNorm running stats off their defaults
+    model.eval()
+    card = card_for(request.param)
+    ts_bytes, onnx_bytes, report = ex.export(model, card, np.random.default_rng(0).random((300, 1, 28, 28), np.float32))
+    folder = tmp_path_factory.mktemp(request.param)
+    (folder / "m.onnx").write_bytes(onnx_bytes)
+    (folder / "m.pt").write_bytes(ts_bytes)
+    return model, card, folder, report
+
+
+@pytest.mark.parametrize("batch", [1, 7, 256])
+def test_onnx_and_torchscript_match_pytorch(exported_random, batch):
+    model, _, folder, _ = exported_random
+    x = torch.from_numpy(np.random.default_rng(batch).normal(0.5, 1.0, (batch, 1, 28, 28)).astype(np.float32))
+    with torch.inference_mode():
+        reference = model(x).numpy()
+    onnx_out = ex.onnx_session(folder / "m.onnx").run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+    scripted, _ = ex.load_torchscript(folder / "m.pt")
+    with torch.inference_mode():
+        ts_out = scripted(x).numpy()
+    for out in (onnx_out, ts_out):
+        assert out.shape == (batch, 10)
+        assert np.abs(out - reference).max() <= ex.TOLERANCE
+        np.testing.assert_array_equal(out.argmax(1), reference.argmax(1))
+
+
+def test_onnx_file_is_self_contained_and_checked(exported_random):
+    _, _, folder, report = exported_random
+    assert [p.name for p in folder.iterdir() if p.suffix not in (".onnx", ".pt")] == []
+    proto = onnx.load(folder / "m.onnx", load_external_data=False)
+    onnx.checker.check_model(proto, full_check=True)
+    assert not any(init.external_data for init in proto.graph.initializer)
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [ex.OPSET]
+    (inp,) = proto.graph.input
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert inp.name == INPUT_NAME and dims == ["batch", 1, 28, 28]
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert [o.name for o in proto.graph.output] == [OUTPUT_NAME]
+    assert report["images"] == 300 and report["onnx"]["argmax_mismatches"] == 0
+
+
+def test_metadata_round_trips_through_onnxruntime(exported):
+    onnx_path, ts_path, ckpt = exported("fashion-mnist", "mlp")
+    meta = ex.onnx_session(onnx_path).get_modelmeta().custom_metadata_map
+    card = ModelCard.from_metadata(meta)
+    assert card == ModelCard.from_checkpoint(ckpt, ckpt["history"][-1]["test_accuracy"])
+    assert card.class_names == list(ckpt["class_names"]) and card.class_names[0] == "T-shirt/top"
+    assert (card.mean, card.std) == (ckpt["normalization"]["mean"], ckpt["normalization"]["std"])
+    assert card.preprocess == "fashion" and card.input["polarity"] == "light-on-dark"
+    assert card.params["recipe"]["batch_size"] == 64 and card.params["model_args"] == {"dropout": 0.2}
+    assert all(isinstance(json.loads(v), (str, list, dict, float, int)) for v in meta.values())
+    _, ts_card = ex.load_torchscript(ts_path)
+    assert ts_card == card
+
+
+def test_torchscript_runs_without_the_project(exported, tmp_path):
+    _, ts_path, _ = exported("mnist", "cnn")
+    script = f"""
+import sys
+sys.path = [p for p in sys.path if p not in ({str(ROOT)!r}, '', '.')]
+sys.modules['pipeline'] = None  # any import of the project now fails
+import json, torch
+extra = {{'metadata.json': ''}}
+m = torch.jit.load({str(ts_path)!r}, _extra_files=extra)
+out = m(torch.zeros(5, 1, 28, 28))
+meta = json.loads(extra['metadata.json'])
+print(tuple(out.shape), json.loads(meta['architecture']), len(json.loads(meta['class_names'])))
+"""
+    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(5, 10) cnn 10"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_exports_are_refused(exported, tmp_path, damage):
+    onnx_path, ts_path, _ = exported("mnist", "cnn")
+    for src in (onnx_path, ts_path):
+        data = src.read_bytes()
+        data = {"truncate": data[: len(data) // 2], "garbage": b"\x00junk" * 50, "empty": b""}[damage]
+        (tmp_path / src.name).write_bytes(data)
+    with pytest.raises(PipelineError, match=r"m?\.pt: not a TorchScript model of this project"):
+        ex.load_torchscript(tmp_path / ts_path.name)
+    with pytest.raises(Exception):
+        ex.onnx_session(tmp_path / onnx_path.name)
+
+
+def test_parity_failure_writes_nothing(exported, data_root, tmp_path, monkeypatch):
+    """The stage refuses a disagreeing export and leaves no artifact behind."""
+    onnx_path, _, ckpt = exported("mnist", "softmax")
+    from pipeline.train import save_checkpoint
+
+    save_checkpoint(ckpt, tmp_path / "softmax.ckpt")
+    (tmp_path / "metrics.json").write_text(json.dumps({"accuracy": 90.0}))
+    real_parity = ex.parity
+
+    def off_by_a_bit(*args, **kwargs):
+        report = real_parity(*args, **kwargs)
+        report["onnx"]["max_abs_diff"] = 3e-4
+        return report
+
+    monkeypatch.setattr(ex, "parity", off_by_a_bit)
+    outs = {"--onnx": tmp_path / "a.onnx", "--torchscript": tmp_path / "a.pt", "--parity": tmp_path / "p.json"}
+    args = ["--model", str(tmp_path / "softmax.ckpt"), "--data", str(data_root / "mnist"),
+            "--metrics", str(tmp_path / "metrics.json")] + [str(a) for kv in outs.items() for a in kv]
+    result = CliRunner().invoke(ex.main, args)
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: onnx export disagrees with PyTorch: max |diff| 0.0003 (limit 0.0001)")
+    assert not any(p.exists() for p in outs.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "softmax.ckpt"]
+
+    monkeypatch.setattr(ex, "parity", real_parity)
+    assert CliRunner().invoke(ex.main, args).exit_code == 0
+    parity = json.loads(outs["--parity"].read_text())
+    assert parity["images"] == 10000 and parity["onnx"]["max_abs_diff"] <= ex.TOLERANCE
+    assert ModelCard.from_metadata(ex.onnx_session(outs["--onnx"]).get_modelmeta().custom_metadata_map).test_accuracy == 90.0
+
+
+def test_check_parity_counts_differing_predictions():
+    ok = {"max_abs_diff": 1e-6, "argmax_mismatches": 0}
+    ex.check_parity({"onnx": ok, "torchscript": ok})
+    with pytest.raises(PipelineError, match="torchscript export disagrees with PyTorch: .* 2 predictions differ"):
+        ex.check_parity({"onnx": ok, "torchscript": {"max_abs_diff": 1e-6, "argmax_mismatches": 2}})

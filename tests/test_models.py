@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from pipeline.models import MODELS, create_model, list_models
+
+
+def test_registry_has_the_four_seed_architectures():
+    assert list_models() == ["softmax", "mlp", "simple_cnn", "cnn"]
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("batch", [1, 7])
+def test_forward_returns_logits_for_any_batch(name, batch):
+    model = create_model(name).eval()
+    out = model(torch.rand(batch, 1, 28, 28))
+    assert out.shape == (batch, 10) and out.dtype == torch.float32
+    # logits, not log-probabilities: the rows' logsumexp is not pinned at 0
+    assert not torch.allclose(torch.logsumexp(out, 1), torch.zeros(batch), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_training_mode_batch_of_seven(name):
+    model = create_model(name).train()
+    out = model(torch.rand(7, 1, 28, 28))
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_unknown_name_lists_valid_ones():
+    with pytest.raises(ValueError, match="unknown architecture 'resnet'; choose one of softmax, mlp, simple_cnn, cnn"):
+        create_model("resnet")
+
+
+def test_parameter_counts():
+    counts = {name: sum(p.numel() for p in create_model(name).parameters()) for name in MODELS}
+    assert counts["softmax"] == 784 * 10 + 10
+    assert counts["mlp"] == 784 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10
+    assert counts["simple_cnn"] == (10 * 25 + 10) + (20 * 10 * 25 + 20) + (320 * 10 + 10)

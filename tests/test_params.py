@@ -1,0 +1,61 @@
+import copy
+
+import pytest
+import yaml
+
+from pipeline.common import PipelineError
+from pipeline.params import load_params, parse_params
+from tests.conftest import ROOT
+
+RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def with_change(path: str, value=None, delete=False):
+    raw = copy.deepcopy(RAW)
+    *parents, last = path.split(".")
+    node = raw
+    for key in parents:
+        node = node[key]
+    if delete:
+        del node[last]
+    else:
+        node[last] = value
+    return raw
+
+
+def test_repository_params_are_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert set(params.recipes) == {"softmax", "mlp", "simple_cnn", "cnn"}
+    assert params.recipe("cnn").scheduler is not None and params.recipe("cnn").batch_size == 100
+
+
+def test_epochs_override_replaces_every_recipe():
+    params = parse_params(with_change("train.epochs", 2))
+    assert {params.recipe(a).epochs for a in params.recipes} == {2}
+    assert params.recipes["cnn"].epochs == 20
+
+
+@pytest.mark.parametrize("path, value, delete, message", [
+    ("recipes.resnet", RAW["recipes"]["cnn"], False, "recipes: Value error, unknown architecture 'resnet'; allowed: softmax, mlp, simple_cnn, cnn"),
+    ("datasets.cifar", RAW["datasets"]["mnist"], False, "datasets: Value error, unknown dataset 'cifar'; allowed: mnist, fashion-mnist"),
+    ("seed", None, True, "seed: Field required"),
+    ("recipes.cnn", None, True, "missing cnn"),
+    ("recipes.cnn.lr", -0.1, False, "recipes.cnn.lr: Input should be greater than 0 (got -0.1)"),
+    ("recipes.mlp.batch_size", "64", False, "recipes.mlp.batch_size: Input should be a valid integer (got '64')"),
+    ("recipes.cnn.optimizer", "adamw", False, "recipes.cnn.optimizer: Input should be 'sgd' or 'adam' (got 'adamw')"),
+    ("device", "tpu", False, "device: Input should be 'auto', 'cpu' or 'cuda' (got 'tpu')"),
+    ("data.train_limit", 0, False, "data.train_limit: Input should be greater than 0 (got 0)"),
+    ("recipes.mlp.model_args", {"dropuot": 0.1}, False, "unknown argument 'dropuot'; allowed: dropout"),
+    ("recipes.cnn.epochs_", 3, False, "recipes.cnn.epochs_: Extra inputs are not permitted"),
+])
+def test_bad_params_name_the_key(path, value, delete, message):
+    with pytest.raises(PipelineError) as err:
+        parse_params(with_change(path, value, delete))
+    assert message in str(err.value)
+    assert str(err.value).startswith("params.yaml: ")
+
+
+def test_unreadable_params_file(tmp_path):
+    (tmp_path / "params.yaml").write_text("seed: [unclosed")
+    with pytest.raises(PipelineError, match="cannot read params"):
+        load_params(tmp_path / "params.yaml")

@@ -1,0 +1,84 @@
+"""End to end: the real `dvc repro` in a temporary copy of the project, with the quick-run overrides."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.data import DATASETS
+from pipeline.models import list_models
+from tests.conftest import ROOT
+
+PROJECT_FILES = ["pipeline", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore"]
+
+
+def dvc(*args, cwd, env) -> subprocess.CompletedProcess:
+    cmd = [str(Path(sys.executable).with_name("dvc")), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def quick_project(tmp_path_factory, mirror):
+    root = tmp_path_factory.mktemp("project")
+    for name in PROJECT_FILES:
+        src, dst = ROOT / name, root / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dst)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["epochs"], params["data"]["train_limit"] = 1, 2000
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(os.environ, DATASET_MIRROR=str(mirror), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=str(root))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    result = dvc("repro", cwd=root, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return root, env, result
+
+
+def test_repro_trains_evaluates_and_exports_every_model(quick_project):
+    root, _, result = quick_project
+    archs = list_models()
+    for dataset in DATASETS:
+        for arch in archs:
+            ckpt = __import__("torch").load(root / "models" / dataset / f"{arch}.pt", weights_only=True)
+            assert ckpt["params"]["recipe"]["epochs"] == 1 and ckpt["params"]["data"]["train_limit"] == 2000
+            metrics = json.loads((root / "reports" / dataset / arch / "metrics.json").read_text())
+            assert 10 < metrics["accuracy"] <= 100 and metrics["epochs"] == 1
+            assert len(metrics["per_class_accuracy"]) == 10
+            assert (root / "reports" / dataset / arch / "report.png").read_bytes()[:4] == b"\x89PNG"
+            parity = json.loads((root / "reports" / dataset / arch / "parity.json").read_text())
+            assert parity["images"] == 10000 and parity["onnx"]["argmax_mismatches"] == 0
+    assert sorted(p.name for p in (root / "artifacts").iterdir()) == sorted(
+        [f"{prefix}{arch}.{ext}" for prefix in ("", "fashion-") for arch in archs for ext in ("onnx", "pt")]
+        + ["summary.md"])
+    summary = (root / "artifacts" / "summary.md").read_text()
+    assert summary.count("| mnist |") == len(archs) and summary.count("| fashion-mnist |") == len(archs)
+    assert "Running stage 'train@fashion-mnist-cnn'" in result.stdout
+
+
+def test_dvc_metrics_and_plots(quick_project):
+    root, env, _ = quick_project
+    shown = dvc("metrics", "show", "--json", cwd=root, env=env)
+    assert shown.returncode == 0, shown.stderr
+    files = json.loads(shown.stdout)["workspace"]["data"]
+    for dataset in DATASETS:
+        for arch in list_models():
+            assert "accuracy" in files[f"reports/{dataset}/{arch}/metrics.json"]["data"]
+            assert "onnx" in files[f"reports/{dataset}/{arch}/parity.json"]["data"]
+    plots = dvc("plots", "show", "-o", str(root / "plots"), cwd=root, env=env)
+    assert plots.returncode == 0, plots.stderr
+    html = (root / "plots" / "index.html").read_text()
+    assert "reports/mnist/cnn/history.csv" in html and "reports/fashion-mnist/mlp/predictions.csv" in html
+
+
+def test_second_repro_is_a_no_op(quick_project):
+    root, env, _ = quick_project
+    result = dvc("repro", cwd=root, env=env)
+    assert result.returncode == 0 and "Running stage" not in result.stdout

@@ -1,0 +1,117 @@
+import copy
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline import train as tr
+from pipeline.bench import seed_dataset, seed_train_steps, seed_transform
+from pipeline.common import PipelineError
+from pipeline.models import create_model, list_models
+from tests.conftest import quick_params
+
+
+def test_epoch_batches_cover_a_permutation():
+    g = torch.Generator().manual_seed(0)
+    batches = tr.epoch_batches(10, 4, drop_last=False, generator=g)
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert sorted(torch.cat(batches).tolist()) == list(range(10))
+    assert [len(b) for b in tr.epoch_batches(10, 4, drop_last=True, generator=g)] == [4, 4]
+
+
+def test_random_hflip_flips_only_masked_images():
+    x = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).reshape(2, 1, 2, 3)
+    out = tr.random_hflip(x, torch.tensor([True, False]))
+    assert torch.equal(out[0], x[0].flip(-1)) and torch.equal(out[1], x[1])
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "simple_cnn"])
+def test_fast_loop_matches_seed_loop(arch, params, data_root):
+    """Same model, same permutation: the tensor loop and the seeds' DataLoader loop take the same steps."""
+    recipe = params.recipe(arch)
+    mean, std = tr.normalization(params, "mnist", recipe)
+    images, labels = tr.load_split(data_root / "mnist", "train")
+    x, y = tr.to_inputs(images, mean, std, torch.device("cpu")), torch.from_numpy(labels)
+    steps = 5
+    batches = tr.epoch_batches(len(x), recipe.batch_size, recipe.drop_last, torch.Generator().manual_seed(1))[:steps]
+
+    torch.manual_seed(0)
+    ours = create_model(arch, **recipe.model_args)
+    theirs = copy.deepcopy(ours)
+    dataset = seed_dataset("mnist", data_root / "mnist", True, seed_transform(params, "mnist", arch))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=recipe.batch_size, sampler=torch.cat(batches).tolist(),
+                                         generator=torch.Generator())  # keeps the global RNG for dropout
+
+    torch.manual_seed(5)  # dropout draws the same masks in both loops
+    mean_loss, last_loss = tr.train_epoch(ours, tr.make_optimizer(ours, recipe), x, y, batches)
+    torch.manual_seed(5)
+    seed_losses = seed_train_steps(theirs, tr.make_optimizer(theirs, recipe), loader, torch.device("cpu"))
+    assert len(seed_losses) == steps
+    assert last_loss == pytest.approx(seed_losses[-1], abs=1e-5)
+    assert mean_loss == pytest.approx(sum(seed_losses) / steps, abs=1e-5)
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_same_seed_same_metrics(params, data_root):
+    quick = quick_params(params, epochs=2, train_limit=1000)
+    runs = [tr.train(quick, "fashion-mnist", "simple_cnn", data_root / "fashion-mnist", log=lambda m: None)
+            for _ in range(2)]
+    strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
+    assert strip(runs[0]["history"]) == strip(runs[1]["history"])
+    for a, b in zip(runs[0]["state_dict"].values(), runs[1]["state_dict"].values()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("arch", list_models())
+def test_checkpoint_rebuilds_the_model(arch, params, data_root, tmp_path):
+    from pipeline.models import load_checkpoint
+
+    ckpt = tr.train(quick_params(params, train_limit=500), "mnist", arch, data_root / "mnist", log=lambda m: None)
+    tr.save_checkpoint(ckpt, tmp_path / "m.pt")
+    raw = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert {"arch", "model_args", "state_dict", "dataset", "class_names", "normalization", "params"} <= set(raw)
+    assert raw["class_names"][7] == "7 - seven" and raw["params"]["data"]["train_limit"] == 500
+    model, _ = load_checkpoint(tmp_path / "m.pt")
+    assert not model.training
+    x = torch.rand(3, 1, 28, 28)
+    fresh = create_model(arch, **raw["model_args"]).eval()
+    fresh.load_state_dict(raw["state_dict"])
+    torch.testing.assert_close(model(x), fresh(x))
+
+
+def test_history_has_one_row_per_epoch(params, data_root):
+    ckpt = tr.train(quick_params(params, epochs=3, train_limit=500), "mnist", "softmax", data_root / "mnist",
+                    log=lambda m: None)
+    csv = tr.history_csv(ckpt["history"]).splitlines()
+    assert csv[0] == ",".join(tr.HISTORY_FIELDS) and len(csv) == 4
+    assert [row["epoch"] for row in ckpt["history"]] == [1, 2, 3]
+
+
+def test_cuda_requested_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(PipelineError, match="device: 'cuda' asked for"):
+        tr.pick_device("cuda")
+    assert tr.pick_device("auto").type == "cpu"
+
+
+def test_bad_params_stop_the_stage_before_work(tmp_path, data_root):
+    (tmp_path / "params.yaml").write_text("seed: 0\ndevice: auto\n")
+    out = tmp_path / "model.pt"
+    result = CliRunner().invoke(tr.main, ["--dataset", "mnist", "--arch", "cnn", "--data", str(data_root / "mnist"),
+                                          "--out", str(out), "--history", str(tmp_path / "h.csv"),
+                                          "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {tmp_path / 'params.yaml'}: data: Field required")
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    from pipeline.models import load_checkpoint
+
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(PipelineError, match="bad.pt: not a valid checkpoint"):
+        load_checkpoint(tmp_path / "bad.pt")
+    with pytest.raises(PipelineError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
