@@ -23,7 +23,7 @@ from pipeline.export import onnx_session, to_onnx, to_torchscript
 from pipeline.modelcard import INPUT_NAME, INPUT_SPEC, OUTPUT_NAME, ModelCard
 from pipeline.models import MODELS, create_model
 from pipeline.params import Params, load_params
-from pipeline.train import epoch_batches, make_optimizer, normalization, pick_device, to_inputs, train_epoch
+from pipeline.train import epoch_batches, make_optimizer, pick_device, to_inputs, train_epoch
 
 
 # ---------------------------------------------------------------------------- the seeds' way
@@ -38,10 +38,9 @@ def seed_dataset(dataset: str, data_dir: str | Path, train: bool, transform) -> 
 def seed_transform(params: Params, dataset: str, arch: str) -> transforms.Compose:
     """ToTensor (+ Normalize) (+ RandomHorizontalFlip), per sample, as the seed scripts do."""
     steps = [transforms.ToTensor()]
-    mean, std = normalization(params, dataset, params.recipe(arch))
-    if params.recipe(arch).normalize:
-        steps.append(transforms.Normalize((mean,), (std,)))
-    if params.datasets[dataset].hflip:
+    if params.recipes[arch].normalize:
+        steps.append(transforms.Normalize(*([v] for v in params.normalization(dataset, arch))))
+    if params.hflip(dataset, arch):
         steps.append(transforms.RandomHorizontalFlip())
     return transforms.Compose(steps)
 
@@ -81,10 +80,10 @@ def training_throughput(params: Params, dataset: str, arch: str, data_dir: Path,
                         steps: int, repeats: int) -> dict:
     """Images/s of the pipeline's loop and of the seeds' loop, alternated, medians over repeats."""
     recipe = params.recipe(arch)
-    mean, std = normalization(params, dataset, recipe)
+    mean, std = params.normalization(dataset, arch)
     images, labels = load_split(data_dir, "train")
     x, y = to_inputs(images, mean, std, device), torch.from_numpy(labels).to(device)
-    hflip = params.datasets[dataset].hflip
+    hflip = params.hflip(dataset, arch)
     channels_last = params.train.channels_last
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

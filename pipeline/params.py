@@ -36,6 +36,7 @@ class Recipe(Strict):
     drop_last: bool = False
     epochs: int = Field(gt=0)
     normalize: bool = False  # standardise with the data set's mean/std, else only scale to [0, 1]
+    hflip: bool = False  # random horizontal flip augmentation, on flip-invariant data sets only
     model_args: dict[str, Any] = {}
     scheduler: Optional[Plateau] = None
 
@@ -43,7 +44,7 @@ class Recipe(Strict):
 class DatasetParams(Strict):
     mean: float = Field(ge=0, le=1)
     std: float = Field(gt=0, le=1)
-    hflip: bool  # random horizontal flip augmentation (clothes yes, digits no)
+    flip_invariant: bool  # a mirrored image keeps its label (clothes yes, digits no)
     preprocess: Literal["digit", "fashion"]  # how `infer` brings a user's image to 28x28
 
 
@@ -100,6 +101,14 @@ class Params(Strict):
         if self.train.epochs is not None:
             recipe = recipe.model_copy(update={"epochs": self.train.epochs})
         return recipe
+
+    def normalization(self, dataset: str, arch: str) -> tuple[float, float]:
+        """(mean, std) the inputs of `arch` on `dataset` are standardised with; (0, 1) = scaled only."""
+        ds = self.datasets[dataset]
+        return (ds.mean, ds.std) if self.recipes[arch].normalize else (0.0, 1.0)
+
+    def hflip(self, dataset: str, arch: str) -> bool:
+        return self.recipes[arch].hflip and self.datasets[dataset].flip_invariant
 
 
 def describe(error: dict) -> str:

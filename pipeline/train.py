@@ -34,11 +34,6 @@ def to_inputs(images: np.ndarray, mean: float, std: float, device: torch.device)
     return ((x.float() / 255.0 - mean) / std).unsqueeze(1)
 
 
-def normalization(params: Params, dataset: str, recipe: Recipe) -> tuple[float, float]:
-    ds = params.datasets[dataset]
-    return (ds.mean, ds.std) if recipe.normalize else (0.0, 1.0)
-
-
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum)
@@ -134,7 +129,7 @@ def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=pri
     if params.train.threads:
         torch.set_num_threads(params.train.threads)
     torch.manual_seed(params.seed)
-    mean, std = normalization(params, dataset, recipe)
+    mean, std = params.normalization(dataset, arch)
     train_images, train_labels = load_split(data_dir, "train")
     test_images, test_labels = load_split(data_dir, "test")
     if params.data.train_limit is not None:
@@ -149,7 +144,7 @@ def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=pri
     log(f"training {arch} on {dataset} ({len(train_x)} images) on {device}: {recipe.optimizer} lr {recipe.lr} "
         f"batch {recipe.batch_size} epochs {recipe.epochs}")
     start = time.perf_counter()
-    history = fit(model, recipe, train_x, train_y, test_x, test_y, hflip=params.datasets[dataset].hflip,
+    history = fit(model, recipe, train_x, train_y, test_x, test_y, hflip=params.hflip(dataset, arch),
                   seed=params.seed, eval_batch_size=params.train.eval_batch_size, log=log)
     train_time = time.perf_counter() - start
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

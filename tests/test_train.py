@@ -29,7 +29,7 @@ def test_random_hflip_flips_only_masked_images():
 def test_fast_loop_matches_seed_loop(arch, params, data_root):
     """Same model, same permutation: the tensor loop and the seeds' DataLoader loop take the same steps."""
     recipe = params.recipe(arch)
-    mean, std = tr.normalization(params, "mnist", recipe)
+    mean, std = params.normalization("mnist", arch)
     images, labels = tr.load_split(data_root / "mnist", "train")
     x, y = tr.to_inputs(images, mean, std, torch.device("cpu")), torch.from_numpy(labels)
     steps = 5
