@@ -1,0 +1,192 @@
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import images
+from pipeline.data import load_split
+from pipeline.images import ImageError, prepare
+from pipeline.modelcard import PREPROCESS_RECIPES
+from pipeline.robustness import VARIANTS, draw
+
+COUNT = 40  # test digits per variant
+
+
+@pytest.fixture(scope="module")
+def digits(data_root):
+    return load_split(data_root / "mnist", "test")[0][:COUNT]
+
+
+@pytest.fixture(scope="module")
+def clothes(data_root):
+    return load_split(data_root / "fashion-mnist", "test")[0][:COUNT]
+
+
+def mean_abs_diff(a: np.ndarray, uint8: np.ndarray) -> float:
+    return float(np.abs(a - uint8.astype(np.float32) / 255).mean())
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims a size without the pixels to match (Pillow checks the size on open)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + png_chunk(b"IEND", b""))
+
+
+def test_every_recipe_named_in_model_cards_exists():
+    assert set(images.RECIPES) == set(PREPROCESS_RECIPES)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_digit_drawn_off_centre_comes_back_as_the_mnist_original(tmp_path, digits, variant):
+    """Dark on light, enlarged, off-centre on 200x200, in each file format -> close to the 28x28 original."""
+    suffix, write = VARIANTS[variant]
+    rng = np.random.default_rng(1)
+    diffs, blank = [], []
+    for i, digit in enumerate(digits):
+        path = tmp_path / f"{i}{suffix}"
+        write(draw(digit, rng), path)
+        out = prepare(path, "digit")
+        assert out.shape == (28, 28) and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
+        diffs.append(mean_abs_diff(out, digit))
+        blank.append(float(np.abs(out).mean()))
+    # The images differ from their originals by a fraction of what an empty image would
+    assert np.mean(diffs) < 0.03 and max(diffs) < 0.1
+    assert np.mean(diffs) < 0.25 * np.mean(blank)
+
+
+def test_digit_recipe_centres_by_mass_and_fits_20_pixels(digits):
+    out = images.digit(1 - np.kron(digits[0].astype(np.float32) / 255, np.ones((5, 5))))
+    rows, cols = np.flatnonzero(out.max(1) > 0), np.flatnonzero(out.max(0) > 0)
+    assert max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 <= 20
+    ys, xs = np.indices(out.shape)
+    assert abs((ys * out).sum() / out.sum() - 14) <= 0.5 and abs((xs * out).sum() / out.sum() - 14) <= 0.5
+
+
+def test_light_on_dark_input_is_not_inverted(digits):
+    enlarged = np.kron(digits[1].astype(np.float32) / 255, np.ones((4, 4)))
+    np.testing.assert_allclose(images.digit(enlarged), images.digit(1 - enlarged), atol=1e-5)
+    assert mean_abs_diff(images.digit(enlarged), digits[1]) < 0.05
+
+
+def test_clothing_photo_on_white_comes_back_as_the_fashion_mnist_original(tmp_path, clothes):
+    """Fashion-MNIST items were product photos on white, trimmed, longer side 28, centred, negated."""
+    diffs = []
+    for i, item in enumerate(clothes):
+        rows, cols = np.flatnonzero(item.any(1)), np.flatnonzero(item.any(0))
+        photo = Image.fromarray(255 - item[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
+        scale = 150 / max(photo.size)
+        photo = photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.Resampling.BICUBIC)
+        canvas = Image.new("RGB", (260, 200), "white")
+        canvas.paste(photo.convert("RGB"), (12, 30))
+        canvas.save(tmp_path / f"{i}.jpg", quality=90)
+        diffs.append(mean_abs_diff(prepare(tmp_path / f"{i}.jpg", "fashion"), item))
+    assert np.mean(diffs) < 0.04 and max(diffs) < 0.15
+
+
+def test_light_ink_on_transparent_background_is_composited_onto_black(tmp_path, digits):
+    ink = draw(digits[2], np.random.default_rng(0))
+    rgba = np.dstack([np.full((*ink.shape, 3), 255, np.uint8), np.round(255 * ink).astype(np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "white-ink.png")
+    assert mean_abs_diff(prepare(tmp_path / "white-ink.png", "digit"), digits[2]) < 0.05
+
+
+def test_palette_with_transparency_and_16_bit_keep_their_range(tmp_path):
+    values = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "16.png")
+    with Image.open(tmp_path / "16.png") as img:
+        assert img.mode.startswith("I")
+        grey = images.to_grey(img)
+    np.testing.assert_allclose(grey, values / 65535, atol=1e-6)
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    palette.putpixel((3, 3), 0)
+    palette.info["transparency"] = 1  # white is transparent: black content on a transparent background
+    grey = images.to_grey(palette)
+    assert grey[3, 3] == 0 and (grey == 1).sum() == 63
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    upright = np.zeros((40, 20), np.uint8)
+    upright[:10] = 255  # a light band at the top
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated; displayed after turning 90 degrees clockwise
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "r.jpg", exif=exif.tobytes())
+    grey = images.to_grey(images.open_image(tmp_path / "r.jpg"))
+    assert grey.shape == (40, 20) and grey[:10].mean() > 0.9 and grey[15:].mean() < 0.1
+
+
+def test_large_photo_is_decoded_small_and_still_found(tmp_path, digits):
+    canvas = np.full((2400, 3200), 255, np.uint8)
+    big = Image.fromarray(255 - digits[3]).resize((1000, 1000), Image.Resampling.BICUBIC)
+    page = Image.fromarray(canvas)
+    page.paste(big, (1900, 300))
+    page.save(tmp_path / "photo.jpg", quality=90)
+    with Image.open(tmp_path / "photo.jpg") as img:
+        img.draft(None, (images.WORK_SIDE, images.WORK_SIDE))
+        assert max(img.size) < 3200
+    assert mean_abs_diff(prepare(tmp_path / "photo.jpg", "digit"), digits[3]) < 0.05
+
+
+def test_noisy_photo_crops_to_the_digit_not_the_paper(tmp_path, digits):
+    rng = np.random.default_rng(0)
+    ink = draw(digits[4], rng)
+    paper = 0.8 * (1 - ink) + 0.1 + rng.normal(0, 0.03, ink.shape)  # grey paper, grey ink, sensor noise
+    Image.fromarray(np.clip(paper * 255, 0, 255).astype(np.uint8)).save(tmp_path / "noisy.png")
+    assert mean_abs_diff(prepare(tmp_path / "noisy.png", "digit"), digits[4]) < 0.05
+
+
+def test_raw_keeps_28x28_pixels_and_refuses_other_sizes(tmp_path, digits):
+    Image.fromarray(digits[0]).save(tmp_path / "raw.png")
+    np.testing.assert_allclose(prepare(tmp_path / "raw.png", None), digits[0] / 255, atol=1e-6)
+    Image.fromarray(digits[0]).resize((56, 56)).save(tmp_path / "big.png")
+    with pytest.raises(ImageError, match="56x56 pixels; --raw takes 28x28"):
+        prepare(tmp_path / "big.png", None)
+
+
+def truncated_png(path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200), np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+BAD_FILES = {  # name -> (writer, what the error says)
+    "empty.png": (lambda p: p.write_bytes(b""), "empty file"),
+    "notes.png": (lambda p: p.write_text("not an image\n"), "not an image"),
+    "truncated.png": (truncated_png, "truncated or corrupt PNG image"),
+    "bomb.png": (lambda p: p.write_bytes(png_header_only(20000, 20000)), "decompression bomb"),
+    # over Image.MAX_IMAGE_PIXELS but under twice it: Pillow only warns, prepare refuses
+    "bomb-warning.png": (lambda p: p.write_bytes(png_header_only(10000, 10000)), "decompression bomb"),
+    "blank.png": (lambda p: Image.new("L", (300, 200), 255).save(p), "no content"),
+    "blank.jpg": (lambda p: Image.fromarray(np.random.default_rng(0).normal(240, 3, (200, 300)).astype(np.uint8))
+                  .save(p, quality=70), "no content"),
+    "transparent.png": (lambda p: Image.new("RGBA", (50, 50), (0, 0, 0, 0)).save(p), "no content"),
+}
+
+
+@pytest.mark.parametrize("recipe", PREPROCESS_RECIPES)
+@pytest.mark.parametrize("name", list(BAD_FILES))
+def test_bad_files_raise_image_error_with_reason(tmp_path, name, recipe):
+    write, reason = BAD_FILES[name]
+    write(tmp_path / name)
+    limit = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageError, match=reason):
+        prepare(tmp_path / name, recipe)
+    assert Image.MAX_IMAGE_PIXELS == limit and limit is not None
+
+
+def test_thin_line_is_content_and_a_lone_speck_is_not():
+    page = np.ones((100, 100), np.float32)
+    page[50, 10:90] = 0
+    for recipe in (images.digit, images.fashion):
+        out = recipe(page)
+        assert out.shape == (28, 28) and out.max() > 0.5 and (out.max(0) > 0.1).sum() >= 20
+    page[:] = 1
+    page[20, 70] = 0
+    with pytest.raises(ImageError, match="no content"):
+        images.digit(page)
