@@ -25,8 +25,8 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
 
 
 def evaluate(model: torch.nn.Module, ckpt: dict, images: np.ndarray, labels: np.ndarray,
-             batch_size: int = 1000) -> tuple[dict, np.ndarray, np.ndarray]:
-    """(metrics, confusion matrix, predicted classes) of `model` on a labelled split."""
+             batch_size: int = 1000) -> tuple[dict, dict, np.ndarray]:
+    """(metrics, per-class figures with the confusion matrix, predicted classes) on a labelled split."""
     norm = ckpt["normalization"]
     x = to_inputs(images, norm["mean"], norm["std"], torch.device("cpu"))
     y = torch.from_numpy(labels)
@@ -43,9 +43,9 @@ def evaluate(model: torch.nn.Module, ckpt: dict, images: np.ndarray, labels: np.
         "train_time_s": round(ckpt["train_time_s"], 1),
         "device": ckpt["device"],
         "epochs": len(ckpt["history"]),
-        "per_class_accuracy": per_class,
     }
-    return metrics, cm, pred
+    per_class = {"classes": classes, "accuracy": per_class, "confusion_matrix": cm.tolist()}
+    return metrics, per_class, pred
 
 
 def predictions_csv(labels: np.ndarray, pred: np.ndarray, classes: list[str]) -> str:
@@ -90,15 +90,18 @@ def plot_report(ckpt: dict, metrics: dict, cm: np.ndarray, path: str | Path) -> 
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False), help="Checkpoint (.pt).")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--metrics", "metrics_path", required=True, type=click.Path(dir_okay=False), help="JSON to write.")
+@click.option("--classes", "classes_path", required=True, type=click.Path(dir_okay=False),
+              help="JSON to write: per-class accuracy and confusion matrix.")
 @click.option("--predictions", required=True, type=click.Path(dir_okay=False), help="CSV (actual, predicted) to write.")
 @click.option("--plot", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
 @stage_command
-def main(model_path: str, data_dir: str, metrics_path: str, predictions: str, plot: str) -> None:
+def main(model_path: str, data_dir: str, metrics_path: str, classes_path: str, predictions: str, plot: str) -> None:
     model, ckpt = load_checkpoint(model_path)
     images, labels = load_split(data_dir, "test")
-    metrics, cm, pred = evaluate(model, ckpt, images, labels)
+    metrics, per_class, pred = evaluate(model, ckpt, images, labels)
     write_text(predictions, predictions_csv(labels, pred, ckpt["class_names"]))
-    plot_report(ckpt, metrics, cm, plot)
+    plot_report(ckpt, metrics, np.array(per_class["confusion_matrix"]), plot)
+    write_json(classes_path, per_class)
     write_json(metrics_path, metrics)
     print(f"{ckpt['arch']} on {ckpt['dataset']}: accuracy {metrics['accuracy']:.2f}%  loss {metrics['loss']:.4f}")
 

@@ -51,7 +51,9 @@ def test_repro_trains_evaluates_and_exports_every_model(quick_project):
             assert ckpt["params"]["recipe"]["epochs"] == 1 and ckpt["params"]["data"]["train_limit"] == 2000
             metrics = json.loads((root / "reports" / dataset / arch / "metrics.json").read_text())
             assert 10 < metrics["accuracy"] <= 100 and metrics["epochs"] == 1
-            assert len(metrics["per_class_accuracy"]) == 10
+            per_class = json.loads((root / "reports" / dataset / arch / "classes.json").read_text())
+            assert len(per_class["accuracy"]) == 10 and len(per_class["confusion_matrix"]) == 10
+            assert sum(map(sum, per_class["confusion_matrix"])) == 10000
             assert (root / "reports" / dataset / arch / "report.png").read_bytes()[:4] == b"\x89PNG"
             parity = json.loads((root / "reports" / dataset / arch / "parity.json").read_text())
             assert parity["images"] == 10000 and parity["onnx"]["argmax_mismatches"] == 0
