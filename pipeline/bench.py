@@ -91,18 +91,16 @@ def training_throughput(params: Params, dataset: str, arch: str, data_dir: Path,
                         batch_size=recipe.batch_size, shuffle=True, drop_last=recipe.drop_last)
     generator = torch.Generator().manual_seed(params.seed)
 
-    def fresh():
-        model = create_model(arch, **recipe.model_args).to(device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
+    def fresh(memory_format=torch.contiguous_format):
+        model = create_model(arch, **recipe.model_args).to(device, memory_format=memory_format)
         return model, make_optimizer(model, recipe)
 
     def pipeline_run():
         batches = epoch_batches(len(x), recipe.batch_size, recipe.drop_last, generator, device)[:steps]
         flip = (torch.rand(len(x), generator=generator) < 0.5).to(device) if hflip else None
-        train_epoch(*fresh(), x, y, batches, flip)
+        train_epoch(*fresh(torch.channels_last if channels_last else torch.contiguous_format), x, y, batches, flip)
 
-    def seed_run():
+    def seed_run():  # the seed scripts' model: default memory format
         seed_train_steps(*fresh(), loader, device, steps)
 
     pipeline_run(), seed_run()  # warm-up: allocator, kernels, DataLoader
@@ -139,9 +137,10 @@ def inference_throughput(arch: str, batch: int, device: torch.device, seconds: f
 
     runners = {"eager": eager, "torchscript": script, "onnxruntime": ort}
     calls = {}
-    for name, fn in runners.items():  # calibrate calls per timing to about `seconds`
-        fn()
-        once = timed(fn, device)
+    for name, fn in runners.items():  # warm up, then calibrate calls per timing to about `seconds`
+        for _ in range(3):
+            fn()
+        once = timed(lambda: [fn() for _ in range(5)], device) / 5
         calls[name] = max(1, int(seconds / max(once, 1e-6)))
     times = {name: [] for name in runners}
     for _ in range(repeats):
@@ -184,7 +183,7 @@ def table(rows: list[dict], columns: list[str]) -> str:
 @click.option("--dataset", default="mnist", show_default=True, type=click.Choice(list(DATASETS)))
 @click.option("--arch", "archs", multiple=True, type=click.Choice(list(MODELS)), help="Default: every architecture.")
 @click.option("--steps", default=100, show_default=True, help="Training batches per timed run.")
-@click.option("--repeats", default=3, show_default=True, help="Timed runs per loop (alternated); medians reported.")
+@click.option("--repeats", default=5, show_default=True, help="Timed runs per loop (alternated); medians reported.")
 @click.option("--device", "device_choice", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--infer-model", type=click.Path(dir_okay=False), help="ONNX file for the cold `infer` timing "
               "(default: artifacts/cnn.onnx when it exists; skipped otherwise).")
