@@ -23,7 +23,7 @@ from pipeline.export import onnx_session, to_onnx, to_torchscript
 from pipeline.modelcard import INPUT_NAME, INPUT_SPEC, OUTPUT_NAME, ModelCard
 from pipeline.models import MODELS, create_model
 from pipeline.params import Params, load_params
-from pipeline.train import epoch_batches, make_optimizer, pick_device, to_inputs, train_epoch
+from pipeline.train import amp_dtype, epoch_batches, make_optimizer, pick_device, to_inputs, train_epoch
 
 
 # ---------------------------------------------------------------------------- the seeds' way
@@ -85,6 +85,7 @@ def training_throughput(params: Params, dataset: str, arch: str, data_dir: Path,
     x, y = to_inputs(images, mean, std, device), torch.from_numpy(labels).to(device)
     hflip = params.hflip(dataset, arch)
     channels_last = params.train.channels_last
+    amp = amp_dtype(params.train.amp, device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     loader = DataLoader(seed_dataset(dataset, data_dir, True, seed_transform(params, dataset, arch)),
@@ -98,7 +99,8 @@ def training_throughput(params: Params, dataset: str, arch: str, data_dir: Path,
     def pipeline_run():
         batches = epoch_batches(len(x), recipe.batch_size, recipe.drop_last, generator, device)[:steps]
         flip = (torch.rand(len(x), generator=generator) < 0.5).to(device) if hflip else None
-        train_epoch(*fresh(torch.channels_last if channels_last else torch.contiguous_format), x, y, batches, flip)
+        model, optimizer = fresh(torch.channels_last if channels_last else torch.contiguous_format)
+        train_epoch(model, optimizer, x, y, batches, flip, amp=amp)
 
     def seed_run():  # the seed scripts' model: default memory format
         seed_train_steps(*fresh(), loader, device, steps)
@@ -110,7 +112,8 @@ def training_throughput(params: Params, dataset: str, arch: str, data_dir: Path,
         seed_s.append(timed(seed_run, device))
     images_done = steps * recipe.batch_size
     ours, theirs = images_done / statistics.median(pipeline_s), images_done / statistics.median(seed_s)
-    return {"batch_size": recipe.batch_size, "steps": steps, "pipeline_img_s": round(ours),
+    return {"batch_size": recipe.batch_size, "precision": "bf16 autocast" if amp else "fp32",
+            "steps": steps, "pipeline_img_s": round(ours),
             "seed_loop_img_s": round(theirs), "ratio": round(ours / theirs, 2)}
 
 
@@ -206,7 +209,7 @@ def main(data_dir, dataset, archs, steps, repeats, device_choice, infer_model, o
         print(f"  training {arch}: {row['ratio']}x", file=sys.stderr, flush=True)
     print("\ntraining throughput (images/s, recipe batch size; seed loop = torchvision dataset + per-sample "
           "transforms + DataLoader)")
-    print(table(training, ["arch", "batch_size", "pipeline_img_s", "seed_loop_img_s", "ratio"]))
+    print(table(training, ["arch", "batch_size", "precision", "pipeline_img_s", "seed_loop_img_s", "ratio"]))
 
     inference = []
     for arch in archs:

@@ -42,6 +42,7 @@ def evaluate(model: torch.nn.Module, ckpt: dict, images: np.ndarray, labels: np.
         "params": sum(p.numel() for p in model.parameters()),
         "train_time_s": round(ckpt["train_time_s"], 1),
         "device": ckpt["device"],
+        "precision": ckpt["precision"],
         "epochs": len(ckpt["history"]),
     }
     per_class = {"classes": classes, "accuracy": per_class, "confusion_matrix": cm.tolist()}

@@ -57,6 +57,9 @@ class TrainParams(Strict):
     eval_batch_size: int = Field(1000, gt=0)
     threads: int = Field(0, ge=0)  # torch intra-op threads on the CPU; 0 = torch's default
     channels_last: bool = True  # NHWC memory format for the convolutional models
+    # bfloat16 autocast of the training forward pass (weights, optimiser and evaluation stay float32):
+    # auto = where the device computes bf16 natively (oneDNN on the CPU, CUDA with bf16), else off
+    amp: Literal["auto", "bf16", "off"] = "auto"
 
 
 class Params(Strict):

@@ -11,14 +11,14 @@ from pipeline.data import DATASETS
 from pipeline.models import MODELS
 
 COLUMNS = ["dataset", "model", "test accuracy", "test loss", "parameters", "epochs", "training time",
-           "device", "ONNX max abs diff", "TorchScript max abs diff"]
+           "device", "precision", "ONNX max abs diff", "TorchScript max abs diff"]
 
 
 def row(dataset: str, arch: str, metrics: dict, parity: dict | None) -> list[str]:
     diff = (lambda fmt: f"{parity[fmt]['max_abs_diff']:.1e}") if parity else (lambda fmt: "not exported")
     return [dataset, arch, f"{metrics['accuracy']:.2f} %", f"{metrics['loss']:.4f}", f"{metrics['params']:,}",
-            str(metrics["epochs"]), f"{metrics['train_time_s']:.0f} s", metrics["device"], diff("onnx"),
-            diff("torchscript")]
+            str(metrics["epochs"]), f"{metrics['train_time_s']:.0f} s", metrics["device"], metrics["precision"],
+            diff("onnx"), diff("torchscript")]
 
 
 def summary_table(reports_dir: str | Path) -> str:

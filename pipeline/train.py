@@ -28,6 +28,15 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
 
 
+def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for training on `device` (None = plain float32)."""
+    if choice == "auto":
+        native = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+                  else torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return torch.bfloat16 if native else None
+    return torch.bfloat16 if choice == "bf16" else None
+
+
 def to_inputs(images: np.ndarray, mean: float, std: float, device: torch.device) -> torch.Tensor:
     """uint8 (N, 28, 28) -> normalised float32 (N, 1, 28, 28) on `device`, in one go."""
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
@@ -54,8 +63,10 @@ def epoch_batches(n: int, batch_size: int, drop_last: bool, generator: torch.Gen
     return [perm[i:i + batch_size] for i in range(0, stop, batch_size)]
 
 
-def train_epoch(model, optimizer, x, y, batches, flip=None, progress=None) -> tuple[float, float]:
-    """One pass over `batches` (index tensors); returns (mean loss, last batch's loss)."""
+def train_epoch(model, optimizer, x, y, batches, flip=None, progress=None,
+                amp: torch.dtype | None = None) -> tuple[float, float]:
+    """One pass over `batches` (index tensors), the forward under autocast to `amp` when given;
+    returns (mean loss, last batch's loss)."""
     model.train()
     total = torch.zeros((), device=x.device)
     count = 0
@@ -63,7 +74,8 @@ def train_epoch(model, optimizer, x, y, batches, flip=None, progress=None) -> tu
         xb, yb = x[idx], y[idx]
         if flip is not None:
             xb = random_hflip(xb, flip[idx])
-        loss = F.cross_entropy(model(xb), yb)
+        with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+            loss = F.cross_entropy(model(xb), yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -87,7 +99,7 @@ def score(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
 
 
 def fit(model, recipe: Recipe, train_x, train_y, test_x, test_y, *, hflip: bool, seed: int,
-        eval_batch_size: int, log=print) -> list[dict]:
+        eval_batch_size: int, amp: torch.dtype | None = None, log=print) -> list[dict]:
     """Train `model` in place with `recipe`; returns the per-epoch history."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = make_optimizer(model, recipe)
@@ -102,7 +114,7 @@ def fit(model, recipe: Recipe, train_x, train_y, test_x, test_y, *, hflip: bool,
         lr = optimizer.param_groups[0]["lr"]
         with tqdm(total=len(batches), desc=f"epoch {epoch}/{recipe.epochs}", unit="batch",
                   leave=False, disable=not sys.stderr.isatty()) as progress:
-            train_loss, last_loss = train_epoch(model, optimizer, train_x, train_y, batches, flip, progress)
+            train_loss, last_loss = train_epoch(model, optimizer, train_x, train_y, batches, flip, progress, amp)
         if scheduler is not None:
             scheduler.step(last_loss)  # seed 001 steps on the epoch's last batch loss
         test_loss, test_acc = score(predict_logits(model, test_x, eval_batch_size), test_y)
@@ -141,11 +153,13 @@ def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=pri
     if params.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
         train_x, test_x = (t.contiguous(memory_format=torch.channels_last) for t in (train_x, test_x))
-    log(f"training {arch} on {dataset} ({len(train_x)} images) on {device}: {recipe.optimizer} lr {recipe.lr} "
-        f"batch {recipe.batch_size} epochs {recipe.epochs}")
+    amp = amp_dtype(params.train.amp, device)
+    precision = "bf16 autocast" if amp is not None else "fp32"
+    log(f"training {arch} on {dataset} ({len(train_x)} images) on {device} ({precision}): {recipe.optimizer} "
+        f"lr {recipe.lr} batch {recipe.batch_size} epochs {recipe.epochs}")
     start = time.perf_counter()
     history = fit(model, recipe, train_x, train_y, test_x, test_y, hflip=params.hflip(dataset, arch),
-                  seed=params.seed, eval_batch_size=params.train.eval_batch_size, log=log)
+                  seed=params.seed, eval_batch_size=params.train.eval_batch_size, amp=amp, log=log)
     train_time = time.perf_counter() - start
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return {
@@ -161,6 +175,7 @@ def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=pri
         "history": history,
         "train_time_s": train_time,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "precision": precision,
         "torch_version": str(torch.__version__),
     }
 

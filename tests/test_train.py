@@ -53,6 +53,34 @@ def test_fast_loop_matches_seed_loop(arch, params, data_root):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_amp_choice():
+    cpu = torch.device("cpu")
+    assert tr.amp_dtype("off", cpu) is None and tr.amp_dtype("bf16", cpu) is torch.bfloat16
+    assert tr.amp_dtype("auto", cpu) in (None, torch.bfloat16)
+
+
+@pytest.mark.parametrize("arch", list_models())
+def test_bf16_autocast_trains_like_fp32(arch, params, data_root):
+    """Under bf16 autocast the forward pass is bf16, the weights stay float32 and learn the same steps."""
+    recipe = params.recipe(arch)
+    images, labels = tr.load_split(data_root / "mnist", "train")
+    x, y = tr.to_inputs(images[:1000], *params.normalization("mnist", arch), torch.device("cpu")), \
+        torch.from_numpy(labels[:1000])
+    torch.manual_seed(0)
+    fp32 = create_model(arch, **recipe.model_args)
+    bf16 = copy.deepcopy(fp32)
+    seen = []
+    bf16.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    losses = {}
+    for name, model, amp in (("fp32", fp32, None), ("bf16", bf16, torch.bfloat16)):
+        batches = tr.epoch_batches(len(x), recipe.batch_size, recipe.drop_last, torch.Generator().manual_seed(1))
+        torch.manual_seed(5)
+        losses[name] = tr.train_epoch(model, tr.make_optimizer(model, recipe), x, y, batches, amp=amp)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in bf16.parameters())
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.01)  # (mean, last) loss of the epoch
+
+
 def test_same_seed_same_metrics(params, data_root):
     quick = quick_params(params, epochs=2, train_limit=1000)
     runs = [tr.train(quick, "fashion-mnist", "simple_cnn", data_root / "fashion-mnist", log=lambda m: None)
