@@ -31,8 +31,8 @@ def pick_device(choice: str) -> torch.device:
 def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for training on `device` (None = plain float32)."""
     if choice == "auto":
-        native = (torch.cuda.is_bf16_supported() if device.type == "cuda"
-                  else torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        native = (torch.cuda.is_bf16_supported() if device.type == "cuda" else
+                  torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
         return torch.bfloat16 if native else None
     return torch.bfloat16 if choice == "bf16" else None
 

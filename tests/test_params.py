@@ -44,6 +44,7 @@ def test_epochs_override_replaces_every_recipe():
     ("recipes.mlp.batch_size", "64", False, "recipes.mlp.batch_size: Input should be a valid integer (got '64')"),
     ("recipes.cnn.optimizer", "adamw", False, "recipes.cnn.optimizer: Input should be 'sgd' or 'adam' (got 'adamw')"),
     ("device", "tpu", False, "device: Input should be 'auto', 'cpu' or 'cuda' (got 'tpu')"),
+    ("train.amp", "fp16", False, "train.amp: Input should be 'auto', 'bf16' or 'off' (got 'fp16')"),
     ("data.train_limit", 0, False, "data.train_limit: Input should be greater than 0 (got 0)"),
     ("recipes.mlp.model_args", {"dropuot": 0.1}, False, "unknown argument 'dropuot'; allowed: dropout"),
     ("recipes.cnn.epochs_", 3, False, "recipes.cnn.epochs_: Extra inputs are not permitted"),
