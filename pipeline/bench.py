@@ -96,25 +96,32 @@ def training_throughput(params: Params, dataset: str, arch: str, data_dir: Path,
         model = create_model(arch, **recipe.model_args).to(device, memory_format=memory_format)
         return model, make_optimizer(model, recipe)
 
-    def pipeline_run():
+    def pipeline_run(dtype=amp):
         batches = epoch_batches(len(x), recipe.batch_size, recipe.drop_last, generator, device)[:steps]
         flip = (torch.rand(len(x), generator=generator) < 0.5).to(device) if hflip else None
         model, optimizer = fresh(torch.channels_last if channels_last else torch.contiguous_format)
-        train_epoch(model, optimizer, x, y, batches, flip, amp=amp)
+        train_epoch(model, optimizer, x, y, batches, flip, amp=dtype)
 
     def seed_run():  # the seed scripts' model: default memory format
         seed_train_steps(*fresh(), loader, device, steps)
 
-    pipeline_run(), seed_run()  # warm-up: allocator, kernels, DataLoader
-    pipeline_s, seed_s = [], []
+    # the pipeline as configured, the same loop in float32 (when autocast is on), the seeds' loop
+    runs = {"pipeline": pipeline_run, "pipeline_fp32": lambda: pipeline_run(None), "seed_loop": seed_run}
+    if amp is None:
+        del runs["pipeline_fp32"]
+    for fn in runs.values():  # warm-up: allocator, kernels, DataLoader
+        fn()
+    seconds = {name: [] for name in runs}
     for _ in range(repeats):
-        pipeline_s.append(timed(pipeline_run, device))
-        seed_s.append(timed(seed_run, device))
-    images_done = steps * recipe.batch_size
-    ours, theirs = images_done / statistics.median(pipeline_s), images_done / statistics.median(seed_s)
-    return {"batch_size": recipe.batch_size, "precision": "bf16 autocast" if amp else "fp32",
-            "steps": steps, "pipeline_img_s": round(ours),
-            "seed_loop_img_s": round(theirs), "ratio": round(ours / theirs, 2)}
+        for name, fn in runs.items():
+            seconds[name].append(timed(fn, device))
+    img_s = {name: steps * recipe.batch_size / statistics.median(t) for name, t in seconds.items()}
+    row = {"batch_size": recipe.batch_size, "precision": "bf16 autocast" if amp else "fp32", "steps": steps}
+    row |= {f"{name}_img_s": round(v) for name, v in img_s.items()}
+    row["ratio"] = round(img_s["pipeline"] / img_s["seed_loop"], 2)
+    if amp is not None:
+        row["ratio_fp32"] = round(img_s["pipeline_fp32"] / img_s["seed_loop"], 2)
+    return row
 
 
 def inference_throughput(arch: str, batch: int, device: torch.device, seconds: float, repeats: int) -> dict:
@@ -209,7 +216,8 @@ def main(data_dir, dataset, archs, steps, repeats, device_choice, infer_model, o
         print(f"  training {arch}: {row['ratio']}x", file=sys.stderr, flush=True)
     print("\ntraining throughput (images/s, recipe batch size; seed loop = torchvision dataset + per-sample "
           "transforms + DataLoader)")
-    print(table(training, ["arch", "batch_size", "precision", "pipeline_img_s", "seed_loop_img_s", "ratio"]))
+    print(table(training, ["arch", "batch_size", "precision", "pipeline_img_s", "pipeline_fp32_img_s",
+                           "seed_loop_img_s", "ratio", "ratio_fp32"]))
 
     inference = []
     for arch in archs:

@@ -44,6 +44,8 @@ class MLP(nn.Module):
 
     def __init__(self, num_classes: int = 10, dropout: float = 0.2):
         super().__init__()
+        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1) (got {dropout!r})")
         self.fc1 = nn.Linear(28 * 28, 256)
         self.fc2 = nn.Linear(256, 128)
         self.fc3 = nn.Linear(128, num_classes)

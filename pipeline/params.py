@@ -88,6 +88,10 @@ class Params(Strict):
             for arg in recipe.model_args:
                 if arg not in accepted:
                     raise ValueError(f"{name}.model_args: unknown argument {arg!r}; allowed: {', '.join(sorted(accepted)) or 'none'}")
+            try:  # the values too: the constructor checks them (a few ms on the CPU)
+                MODELS[name](**recipe.model_args)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{name}.model_args: {e}") from None
         return v
 
     @model_validator(mode="after")
@@ -96,6 +100,11 @@ class Params(Strict):
             missing = [k for k in known if k not in have]
             if missing:
                 raise ValueError(f"{kind}: missing {', '.join(missing)}")
+        limit = self.data.train_limit
+        for arch, recipe in self.recipes.items():
+            if limit is not None and recipe.drop_last and limit < recipe.batch_size:
+                raise ValueError(f"data.train_limit: {limit} is smaller than recipes.{arch}.batch_size "
+                                 f"({recipe.batch_size}), whose incomplete batches are dropped: nothing would train")
         return self
 
     def recipe(self, arch: str) -> Recipe:

@@ -109,8 +109,10 @@ def test_corrupt_exports_are_refused(exported, tmp_path, damage):
         (tmp_path / src.name).write_bytes(data)
     with pytest.raises(PipelineError, match=r"m?\.pt: not a TorchScript model of this project"):
         ex.load_torchscript(tmp_path / ts_path.name)
-    with pytest.raises(Exception):
-        ex.onnx_session(tmp_path / onnx_path.name)
+    from pipeline.infer import ModelError, load_model  # what loads users' .onnx files
+
+    with pytest.raises(ModelError, match=r"^not an ONNX model \("):
+        load_model(tmp_path / onnx_path.name)
 
 
 def test_parity_failure_writes_nothing(exported, data_root, tmp_path, monkeypatch):

@@ -166,7 +166,6 @@ def test_folder_of_clothing_photos_with_a_fashion_model(tmp_path, exported, clot
     assert {r["predictions"][0]["class"] for r in records} <= set(ckpt["class_names"])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dataset", list(DATASETS))
 @pytest.mark.parametrize("arch", list_models())
 def test_every_exported_model_of_both_data_sets(tmp_path, exported, data_root, dataset, arch):
@@ -308,6 +307,19 @@ def test_unreadable_model_is_a_usage_error(tmp_path, mnist, digits):
     result = run(drawn(digits[0], tmp_path / "d.png"), "--model", model)
     assert result.exit_code == 2
     one_line_error(result, model, "cannot read it")
+
+
+def test_model_the_os_refuses_to_read_is_a_usage_error(tmp_path, mnist, digits, monkeypatch):
+    """As above, where the tests run as root (who reads files whatever their mode)."""
+    import onnx
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(onnx, "load", refused)
+    result = run(drawn(digits[0], tmp_path / "d.png"), "--model", mnist[0])
+    assert result.exit_code == 2
+    one_line_error(result, mnist[0], "cannot read it (Permission denied)")
 
 
 def test_model_without_metadata_runs_with_documented_defaults_when_asked(tmp_path, digits):

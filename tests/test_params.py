@@ -47,6 +47,9 @@ def test_epochs_override_replaces_every_recipe():
     ("train.amp", "fp16", False, "train.amp: Input should be 'auto', 'bf16' or 'off' (got 'fp16')"),
     ("data.train_limit", 0, False, "data.train_limit: Input should be greater than 0 (got 0)"),
     ("recipes.mlp.model_args", {"dropuot": 0.1}, False, "unknown argument 'dropuot'; allowed: dropout"),
+    ("recipes.mlp.model_args", {"dropout": 1.5}, False, "mlp.model_args: dropout must be a number in [0, 1) (got 1.5)"),
+    ("recipes.mlp.model_args", {"dropout": "0.2"}, False, "dropout must be a number in [0, 1) (got '0.2')"),
+    ("data.train_limit", 50, False, "data.train_limit: 50 is smaller than recipes.softmax.batch_size (100)"),
     ("recipes.cnn.epochs_", 3, False, "recipes.cnn.epochs_: Extra inputs are not permitted"),
 ])
 def test_bad_params_name_the_key(path, value, delete, message):
