@@ -31,14 +31,16 @@ def quick_project(tmp_path_factory, mirror):
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, dst)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["train"]["epochs"], params["data"]["train_limit"] = 1, 2000
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = dict(os.environ, DATASET_MIRROR=str(mirror), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               PYTHONPATH=str(root))
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    result = dvc("repro", cwd=root, env=env)
+               PYTHONPATH=str(root), GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.org",
+               GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.org")
+    for git in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "project"]):
+        subprocess.run(["git", *git], cwd=root, env=env, check=True)
+    # the README's quick run of the whole pipeline
+    result = dvc("exp", "run", "-S", "train.epochs=1", "-S", "data.train_limit=2000", cwd=root, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    assert params["train"]["epochs"] == 1 and params["data"]["train_limit"] == 2000
     return root, env, result
 
 
@@ -83,6 +85,8 @@ def test_dvc_metrics_and_plots(quick_project):
             assert f'"text": "{arch} on {dataset} - test accuracy (%) by epoch"' in html
             assert f'"text": "{arch} on {dataset} - confusion matrix"' in html
             assert f"reports/{dataset}/{arch}/report.png" in html
+    for title in ("MNIST", "Fashion-MNIST"):
+        assert f'"text": "{title} - training and test loss by epoch"' in html
 
 
 def test_second_repro_is_a_no_op(quick_project):
