@@ -23,7 +23,8 @@ from pipeline.export import onnx_session, to_onnx, to_torchscript
 from pipeline.modelcard import INPUT_NAME, INPUT_SPEC, OUTPUT_NAME, ModelCard
 from pipeline.models import MODELS, create_model
 from pipeline.params import Params, load_params
-from pipeline.train import amp_dtype, epoch_batches, make_optimizer, pick_device, to_inputs, train_epoch
+from pipeline.train import (amp_dtype, epoch_batches, make_optimizer, pick_device, precision_label, to_inputs,
+                            train_epoch)
 
 
 # ---------------------------------------------------------------------------- the seeds' way
@@ -116,7 +117,7 @@ def training_throughput(params: Params, dataset: str, arch: str, data_dir: Path,
         for name, fn in runs.items():
             seconds[name].append(timed(fn, device))
     img_s = {name: steps * recipe.batch_size / statistics.median(t) for name, t in seconds.items()}
-    row = {"batch_size": recipe.batch_size, "precision": "bf16 autocast" if amp else "fp32", "steps": steps}
+    row = {"batch_size": recipe.batch_size, "precision": precision_label(amp), "steps": steps}
     row |= {f"{name}_img_s": round(v) for name, v in img_s.items()}
     row["ratio"] = round(img_s["pipeline"] / img_s["seed_loop"], 2)
     if amp is not None:

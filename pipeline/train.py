@@ -37,6 +37,10 @@ def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if choice == "bf16" else None
 
 
+def precision_label(amp: torch.dtype | None) -> str:
+    return "fp32" if amp is None else "bf16 autocast"
+
+
 def to_inputs(images: np.ndarray, mean: float, std: float, device: torch.device) -> torch.Tensor:
     """uint8 (N, 28, 28) -> normalised float32 (N, 1, 28, 28) on `device`, in one go."""
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
@@ -154,7 +158,7 @@ def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=pri
         model = model.to(memory_format=torch.channels_last)
         train_x, test_x = (t.contiguous(memory_format=torch.channels_last) for t in (train_x, test_x))
     amp = amp_dtype(params.train.amp, device)
-    precision = "bf16 autocast" if amp is not None else "fp32"
+    precision = precision_label(amp)
     log(f"training {arch} on {dataset} ({len(train_x)} images) on {device} ({precision}): {recipe.optimizer} "
         f"lr {recipe.lr} batch {recipe.batch_size} epochs {recipe.epochs}")
     start = time.perf_counter()
@@ -170,7 +174,8 @@ def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=pri
         "class_names": classes,
         "normalization": {"mean": mean, "std": std},
         "preprocess": params.datasets[dataset].preprocess,
-        "params": {"seed": params.seed, "recipe": recipe.model_dump(), "data": params.data.model_dump(),
+        "params": {"seed": params.seed, "device": params.device, "recipe": recipe.model_dump(),
+                   "hflip": params.hflip(dataset, arch), "data": params.data.model_dump(),
                    "train": params.train.model_dump()},
         "history": history,
         "train_time_s": train_time,

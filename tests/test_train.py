@@ -100,6 +100,7 @@ def test_checkpoint_rebuilds_the_model(arch, params, data_root, tmp_path):
     raw = torch.load(tmp_path / "m.pt", weights_only=True)
     assert {"arch", "model_args", "state_dict", "dataset", "class_names", "normalization", "params"} <= set(raw)
     assert raw["class_names"][7] == "7 - seven" and raw["params"]["data"]["train_limit"] == 500
+    assert raw["params"]["hflip"] is False and raw["params"]["device"] == "cpu"  # digits are never mirrored
     model, _ = load_checkpoint(tmp_path / "m.pt")
     assert not model.training
     x = torch.rand(3, 1, 28, 28)
