@@ -107,9 +107,10 @@ def training_throughput(params: Params, dataset: str, arch: str, data_dir: Path,
         seed_train_steps(*fresh(), loader, device, steps)
 
     # the pipeline as configured, the same loop in float32 (when autocast is on), the seeds' loop
-    runs = {"pipeline": pipeline_run, "pipeline_fp32": lambda: pipeline_run(None), "seed_loop": seed_run}
-    if amp is None:
-        del runs["pipeline_fp32"]
+    runs = {"pipeline": pipeline_run}
+    if amp is not None:
+        runs["pipeline_fp32"] = lambda: pipeline_run(None)
+    runs["seed_loop"] = seed_run
     for fn in runs.values():  # warm-up: allocator, kernels, DataLoader
         fn()
     seconds = {name: [] for name in runs}

@@ -88,6 +88,8 @@ class Params(Strict):
             for arg in recipe.model_args:
                 if arg not in accepted:
                     raise ValueError(f"{name}.model_args: unknown argument {arg!r}; allowed: {', '.join(sorted(accepted)) or 'none'}")
+            if not recipe.model_args:
+                continue  # the defaults are valid
             try:  # the values too: the constructor checks them (a few ms on the CPU)
                 MODELS[name](**recipe.model_args)
             except (TypeError, ValueError) as e:

@@ -2,7 +2,10 @@ import json
 
 from click.testing import CliRunner
 
+import torch
+
 from pipeline import bench
+from pipeline.train import precision_label
 
 
 def test_benchmark_prints_and_writes_every_figure(data_root, tmp_path):
@@ -16,7 +19,7 @@ def test_benchmark_prints_and_writes_every_figure(data_root, tmp_path):
     assert row["arch"] == "softmax" and row["batch_size"] == 100 and row["steps"] == 3
     assert row["pipeline_img_s"] > 0 and row["seed_loop_img_s"] > 0
     assert abs(row["ratio"] - row["pipeline_img_s"] / row["seed_loop_img_s"]) < 0.01
-    assert ("pipeline_fp32_img_s" in row) == (row["precision"] == "bf16 autocast")
+    assert ("pipeline_fp32_img_s" in row) == (row["precision"] == precision_label(torch.bfloat16))
     assert [(r["arch"], r["batch"]) for r in results["inference"]] == [("softmax", 1), ("softmax", 256)]
     assert all(r[k] > 0 for r in results["inference"] for k in ("eager", "torchscript", "onnxruntime"))
     assert "cold `infer`: skipped" in result.output and "cold_infer" not in results
