@@ -1,7 +1,6 @@
-"""Benchmark: training and inference throughput of the pipeline against the seeds' way, and cold `infer`."""
+"""Benchmark: training and inference throughput of the pipeline against the reference recipes' loop, and cold `infer`."""
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import subprocess
@@ -17,27 +16,29 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from pipeline.common import stage_command, write_json
-from pipeline.data import DATASETS, dataset_info, load_split
-from pipeline.export import onnx_session, to_onnx, to_torchscript
-from pipeline.modelcard import INPUT_NAME, INPUT_SPEC, OUTPUT_NAME, ModelCard
+from pipeline.common import stage_command, table, write_json
+from pipeline.conversion import to_onnx, to_torchscript
+from pipeline.datasets import DATASETS, IMAGE_SIZE, dataset_info, load_split
+from pipeline.metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo
 from pipeline.models import MODELS, create_model
 from pipeline.params import Params, load_params
-from pipeline.train import (amp_dtype, epoch_batches, make_optimizer, pick_device, precision_label, to_inputs,
-                            train_epoch)
+from pipeline.runtime import onnx_session
+from pipeline.tensors import amp_dtype, device_name, pick_device, precision_label, to_inputs
+from pipeline.training import epoch_batches, make_optimizer, train_epoch
 
+# ---------------------------------------------------------------------------- the reference recipes' loop
 
-# ---------------------------------------------------------------------------- the seeds' way
-
-def seed_dataset(dataset: str, data_dir: str | Path, train: bool, transform) -> torch.utils.data.Dataset:
+def reference_dataset(dataset: str, data_dir: str | Path, train: bool, transform) -> torch.utils.data.Dataset:
     """torchvision's own MNIST / FashionMNIST class, reading the IDX files the data stage wrote."""
-    tv = dataset_info(dataset).tv_class
+    import torchvision
+
+    tv = getattr(torchvision.datasets, dataset_info(dataset).torchvision_class)
     local = type(f"Local{tv.__name__}", (tv,), {"raw_folder": property(lambda self: str(data_dir))})
     return local(root=str(data_dir), train=train, transform=transform, download=False)
 
 
-def seed_transform(params: Params, dataset: str, arch: str) -> transforms.Compose:
-    """ToTensor (+ Normalize) (+ RandomHorizontalFlip), per sample, as the seed scripts do."""
+def reference_transform(params: Params, dataset: str, arch: str) -> transforms.Compose:
+    """ToTensor (+ Normalize) (+ RandomHorizontalFlip), per sample, as the reference recipes' scripts do."""
     steps = [transforms.ToTensor()]
     if params.recipes[arch].normalize:
         steps.append(transforms.Normalize(*([v] for v in params.normalization(dataset, arch))))
@@ -46,8 +47,8 @@ def seed_transform(params: Params, dataset: str, arch: str) -> transforms.Compos
     return transforms.Compose(steps)
 
 
-def seed_train_steps(model, optimizer, loader, device, steps: int | None = None) -> list[float]:
-    """The seeds' inner loop: a DataLoader batch at a time, moved to the device; returns each batch's loss."""
+def reference_train_steps(model, optimizer, loader, device, steps: int | None = None) -> list[float]:
+    """The reference recipes' inner loop: a DataLoader batch at a time, moved to the device; returns each loss."""
     model.train()
     losses = []
     for i, (x, y) in enumerate(loader):
@@ -79,7 +80,7 @@ def timed(fn, device: torch.device) -> float:
 
 def training_throughput(params: Params, dataset: str, arch: str, data_dir: Path, device: torch.device,
                         steps: int, repeats: int) -> dict:
-    """Images/s of the pipeline's loop and of the seeds' loop, alternated, medians over repeats."""
+    """Images/s of the pipeline's loop and of the reference loop, alternated, medians over repeats."""
     recipe = params.recipe(arch)
     mean, std = params.normalization(dataset, arch)
     images, labels = load_split(data_dir, "train")
@@ -89,7 +90,7 @@ def training_throughput(params: Params, dataset: str, arch: str, data_dir: Path,
     amp = amp_dtype(params.train.amp, device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    loader = DataLoader(seed_dataset(dataset, data_dir, True, seed_transform(params, dataset, arch)),
+    loader = DataLoader(reference_dataset(dataset, data_dir, True, reference_transform(params, dataset, arch)),
                         batch_size=recipe.batch_size, shuffle=True, drop_last=recipe.drop_last)
     generator = torch.Generator().manual_seed(params.seed)
 
@@ -103,14 +104,14 @@ def training_throughput(params: Params, dataset: str, arch: str, data_dir: Path,
         model, optimizer = fresh(torch.channels_last if channels_last else torch.contiguous_format)
         train_epoch(model, optimizer, x, y, batches, flip, amp=dtype)
 
-    def seed_run():  # the seed scripts' model: default memory format
-        seed_train_steps(*fresh(), loader, device, steps)
+    def reference_run():  # the reference scripts' model: default memory format
+        reference_train_steps(*fresh(), loader, device, steps)
 
-    # the pipeline as configured, the same loop in float32 (when autocast is on), the seeds' loop
+    # the pipeline as configured, the same loop in float32 (when autocast is on), the reference loop
     runs = {"pipeline": pipeline_run}
     if amp is not None:
         runs["pipeline_fp32"] = lambda: pipeline_run(None)
-    runs["seed_loop"] = seed_run
+    runs["reference_loop"] = reference_run
     for fn in runs.values():  # warm-up: allocator, kernels, DataLoader
         fn()
     seconds = {name: [] for name in runs}
@@ -120,9 +121,9 @@ def training_throughput(params: Params, dataset: str, arch: str, data_dir: Path,
     img_s = {name: steps * recipe.batch_size / statistics.median(t) for name, t in seconds.items()}
     row = {"batch_size": recipe.batch_size, "precision": precision_label(amp), "steps": steps}
     row |= {f"{name}_img_s": round(v) for name, v in img_s.items()}
-    row["ratio"] = round(img_s["pipeline"] / img_s["seed_loop"], 2)
+    row["ratio"] = round(img_s["pipeline"] / img_s["reference_loop"], 2)
     if amp is not None:
-        row["ratio_fp32"] = round(img_s["pipeline_fp32"] / img_s["seed_loop"], 2)
+        row["ratio_fp32"] = round(img_s["pipeline_fp32"] / img_s["reference_loop"], 2)
     return row
 
 
@@ -130,9 +131,9 @@ def inference_throughput(arch: str, batch: int, device: torch.device, seconds: f
     """Images/s of eager PyTorch, TorchScript and onnxruntime (CPU provider) at one batch size."""
     model = create_model(arch).eval()
     scripted = to_torchscript(model)
-    card = ModelCard("mnist", arch, dataset_info("mnist").classes, 0.0, 1.0, "digit", float("nan"), {}, INPUT_SPEC)
-    session = onnx_session(to_onnx(model, card).SerializeToString())
-    x = torch.rand(batch, 1, 28, 28)
+    info = ModelInfo("mnist", arch, dataset_info("mnist").classes, 0.0, 1.0, "digit")
+    session = onnx_session(to_onnx(model, info).SerializeToString())
+    x = torch.rand(batch, 1, IMAGE_SIZE, IMAGE_SIZE)
     x_np = x.numpy()
     model_dev, scripted_dev, x_dev = model.to(device), scripted.to(device), x.to(device)
 
@@ -152,13 +153,13 @@ def inference_throughput(arch: str, batch: int, device: torch.device, seconds: f
     for name, fn in runners.items():  # warm up, then calibrate calls per timing to about `seconds`
         for _ in range(3):
             fn()
-        once = timed(lambda: [fn() for _ in range(5)], device) / 5
+        once = timed(lambda fn=fn: [fn() for _ in range(5)], device) / 5
         calls[name] = max(1, int(seconds / max(once, 1e-6)))
     times = {name: [] for name in runners}
     for _ in range(repeats):
         for name, fn in runners.items():
             n = calls[name]
-            times[name].append(timed(lambda: [fn() for _ in range(n)], device) / n)
+            times[name].append(timed(lambda fn=fn, n=n: [fn() for _ in range(n)], device) / n)
     return {name: round(batch / statistics.median(t)) for name, t in times.items()}
 
 
@@ -183,12 +184,6 @@ def cold_infer(model_path: Path, runs: int) -> dict:
     return {key: round(statistics.median(v), 3) for key, v in result.items()}
 
 
-def table(rows: list[dict], columns: list[str]) -> str:
-    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
-    line = lambda values: "  ".join(str(v).rjust(w) for v, w in zip(values, widths))  # noqa: E731
-    return "\n".join([line(columns), line("-" * w for w in widths)] + [line(r.get(c, "") for c in columns) for r in rows])
-
-
 @click.command(help="Measure training and inference throughput on this machine; print tables and write JSON.")
 @click.option("--data", "data_dir", default="data/mnist", show_default=True, type=click.Path(exists=True, file_okay=False),
               help="A data set folder written by the data stage.")
@@ -203,11 +198,11 @@ def table(rows: list[dict], columns: list[str]) -> str:
 @stage_command
 def main(data_dir, dataset, archs, steps, repeats, device_choice, infer_model, out) -> None:
     params = load_params()
-    device = pick_device(device_choice)
+    device = pick_device(device_choice, "--device")
     if params.train.threads:
         torch.set_num_threads(params.train.threads)
     archs = list(archs) or list(MODELS)
-    env = {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+    env = {"device": device_name(device),
            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
     print(f"benchmark on {env['device']} ({env['cpu_threads']} CPU threads), torch {env['torch']}", flush=True)
 
@@ -216,10 +211,10 @@ def main(data_dir, dataset, archs, steps, repeats, device_choice, infer_model, o
         row = {"arch": arch} | training_throughput(params, dataset, arch, Path(data_dir), device, steps, repeats)
         training.append(row)
         print(f"  training {arch}: {row['ratio']}x", file=sys.stderr, flush=True)
-    print("\ntraining throughput (images/s, recipe batch size; seed loop = torchvision dataset + per-sample "
+    print("\ntraining throughput (images/s, recipe batch size; reference loop = torchvision dataset + per-sample "
           "transforms + DataLoader)")
     print(table(training, ["arch", "batch_size", "precision", "pipeline_img_s", "pipeline_fp32_img_s",
-                           "seed_loop_img_s", "ratio", "ratio_fp32"]))
+                           "reference_loop_img_s", "ratio", "ratio_fp32"]))
 
     inference = []
     for arch in archs:

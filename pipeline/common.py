@@ -6,14 +6,20 @@ import functools
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import click
 
 
 class PipelineError(Exception):
     """An expected failure (bad params, bad data, bad file) reported as one line, no traceback."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 @contextlib.contextmanager
@@ -55,3 +61,13 @@ def stage_command(fn: Callable) -> Callable:
             raise click.ClickException(str(e)) from None
 
     return wrapper
+
+
+def table(rows: list[dict], columns: list[str], markdown: bool = False) -> str:
+    """Rows (dicts) as an aligned text table, or a Markdown one; missing cells are blank."""
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    if markdown:
+        return "\n".join("| " + " | ".join(v) + " |" for v in [columns, ["---"] * len(columns), *cells]) + "\n"
+    widths = [max(len(c), *(len(v[i]) for v in cells)) for i, c in enumerate(columns)]
+    line = lambda values: "  ".join(v.rjust(w) for v, w in zip(values, widths))
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)]) + "\n"

@@ -9,14 +9,15 @@ import click
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-from pipeline.common import atomic_path, stage_command, write_json, write_text  # noqa: E402
-from pipeline.data import load_split  # noqa: E402
-from pipeline.models import load_checkpoint  # noqa: E402
-from pipeline.train import predict_logits, score, to_inputs  # noqa: E402
+from pipeline.common import atomic_path, stage_command, write_json, write_text
+from pipeline.datasets import load_split
+from pipeline.models import load_checkpoint
+from pipeline.params import load_params
+from pipeline.tensors import predict_logits, score, to_inputs
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -25,7 +26,7 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
 
 
 def evaluate(model: torch.nn.Module, ckpt: dict, images: np.ndarray, labels: np.ndarray,
-             batch_size: int = 1000) -> tuple[dict, dict, np.ndarray]:
+             batch_size: int) -> tuple[dict, dict, np.ndarray]:
     """(metrics, per-class figures with the confusion matrix, predicted classes) on a labelled split."""
     norm = ckpt["normalization"]
     x = to_inputs(images, norm["mean"], norm["std"], torch.device("cpu"))
@@ -95,11 +96,14 @@ def plot_report(ckpt: dict, metrics: dict, cm: np.ndarray, path: str | Path) -> 
               help="JSON to write: per-class accuracy and confusion matrix.")
 @click.option("--predictions", required=True, type=click.Path(dir_okay=False), help="CSV (actual, predicted) to write.")
 @click.option("--plot", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
+@click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
 @stage_command
-def main(model_path: str, data_dir: str, metrics_path: str, classes_path: str, predictions: str, plot: str) -> None:
+def main(model_path: str, data_dir: str, metrics_path: str, classes_path: str, predictions: str, plot: str,
+         params_file: str) -> None:
+    batch_size = load_params(params_file).train.eval_batch_size
     model, ckpt = load_checkpoint(model_path)
     images, labels = load_split(data_dir, "test")
-    metrics, per_class, pred = evaluate(model, ckpt, images, labels)
+    metrics, per_class, pred = evaluate(model, ckpt, images, labels, batch_size)
     write_text(predictions, predictions_csv(labels, pred, ckpt["class_names"]))
     plot_report(ckpt, metrics, np.array(per_class["confusion_matrix"]), plot)
     write_json(classes_path, per_class)

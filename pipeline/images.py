@@ -1,15 +1,25 @@
-"""Users' images -> the 28x28 light-on-dark arrays the models were trained on (Pillow and numpy, no torch)."""
+"""Users' images -> the 28x28 light-on-dark arrays the models were trained on (Pillow and numpy, no torch).
+
+An image arrives as a path, bytes, a binary file object, a PIL image or a numpy array; every kind goes
+through the same decoding checks and the same preprocessing, and every problem is an ImageError.
+"""
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.modelcard import IMAGE_SIZE
+from pipeline.common import first_line
+from pipeline.datasets import IMAGE_SIZE, PREPROCESSING
 
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")  # the only decoders Pillow may use
+MAX_PIXELS = 20_000_000  # width x height after JPEG draft-mode decoding; keeps one image under ~300 MB
+MAX_BYTES = 50 * 2**20  # an encoded image (file, bytes or stream) larger than this is refused unread
 DIGIT_BOX = 20  # MNIST digits are scaled to fit 20x20, then centred by mass in 28x28
 WORK_SIDE = 1024  # larger images are shrunk to this first; the result is 28 pixels anyway
 MIN_CONTRAST = 0.1  # ink (or item) must differ from the background by this much of the full range
@@ -17,34 +27,113 @@ DIGIT_INK = 0.05  # after stretching ink to 1: what counts as a stroke when crop
 FASHION_TRIM = 0.05  # Fashion-MNIST trims edges within 5 % of the background colour
 NO_CONTENT = "no content (a blank image, or too little contrast)"
 
+ImageInput = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | Image.Image | np.ndarray
+
 
 class ImageError(ValueError):
-    """A file that cannot be turned into a model input; the message says why, in a few words."""
+    """An input that cannot be turned into a model input; the message says why, in a few words."""
 
 
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """The decoded image, upright (EXIF orientation applied); Pillow's decompression-bomb limit enforced."""
-    path = Path(path)
-    if path.stat().st_size == 0:
+def read_encoded(source: str | os.PathLike | bytes | bytearray | memoryview | BinaryIO) -> bytes:
+    """The encoded bytes of a path, a bytes-like object or a binary file object, size-checked."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        try:
+            if not path.is_file():
+                raise ImageError("not a regular file" if path.exists() else "no such file")
+            if path.stat().st_size > MAX_BYTES:
+                raise ImageError(f"larger than {MAX_BYTES // 2**20} MB; refused")
+            data = path.read_bytes()
+        except OSError as e:
+            raise ImageError(f"cannot read it ({e.strerror or e})") from None
+    elif hasattr(source, "read"):
+        try:
+            data = source.read(MAX_BYTES + 1)
+        except (OSError, ValueError) as e:
+            raise ImageError(f"cannot read the file object ({e})") from None
+        if isinstance(data, str):
+            raise ImageError("a text file object; open the image in binary mode ('rb')")
+        if not isinstance(data, (bytes, bytearray)):
+            raise ImageError(f"file object's read() returned {type(data).__name__}, not bytes")
+    else:
+        raise ImageError(f"unsupported input type {type(source).__name__}; give a path, bytes, a binary file, "
+                         "a PIL image or a numpy array")
+    if not data:
         raise ImageError("empty file")
+    if len(data) > MAX_BYTES:
+        raise ImageError(f"larger than {MAX_BYTES // 2**20} MB; refused")
+    return data
+
+
+def decode(data: bytes) -> Image.Image:
+    """The decoded image, upright (EXIF orientation applied), from an allowed format within MAX_PIXELS."""
     kind = "image"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on odd EXIF/ICC data
+            with Image.open(io.BytesIO(data), formats=FORMATS) as img:
                 kind = f"{img.format} image"
                 if img.format == "JPEG":
                     img.draft(None, (WORK_SIDE, WORK_SIDE))  # let the decoder skip detail we would discard
+                check_size(img)
                 img.load()
                 return ImageOps.exif_transpose(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"refused as a possible decompression bomb ({e})") from None
-    except (PermissionError, IsADirectoryError) as e:
-        raise ImageError(f"cannot read it ({e.strerror})") from None
     except UnidentifiedImageError:
-        raise ImageError("not an image (Pillow cannot identify its format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
-        raise ImageError(f"truncated or corrupt {kind} ({e})") from None
+        raise ImageError(f"not an image in a supported format ({', '.join(FORMATS)})") from None
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError, TypeError, KeyError, IndexError) as e:
+        raise ImageError(f"truncated or corrupt {kind} ({first_line(e)})") from None
+
+
+def check_size(img: Image.Image) -> None:
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise ImageError(f"{w}x{h} pixels is more than the {MAX_PIXELS:,} this tool decodes; resize it first")
+    if not w or not h:
+        raise ImageError("has no pixels")
+
+
+def array_to_image(a: np.ndarray) -> Image.Image:
+    """A numpy image (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), uint8 or float in [0, 1], as a PIL image."""
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise ImageError(f"array of shape {a.shape}; give (H, W) grey or (H, W, 3|4) RGB/RGBA")
+    if a.shape[0] * a.shape[1] > MAX_PIXELS:
+        raise ImageError(f"array of {a.shape[1]}x{a.shape[0]} pixels is more than the {MAX_PIXELS:,} accepted")
+    if not a.size:
+        raise ImageError(f"array of shape {a.shape} has no pixels")
+    if a.dtype == np.uint8:
+        pixels = a
+    elif np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise ImageError("array holds NaN or infinite values")
+        if a.min() < 0 or a.max() > 1:
+            raise ImageError(f"float array values must lie in [0, 1] (found {a.min():g} to {a.max():g})")
+        pixels = np.round(a.astype(np.float32) * 255).astype(np.uint8)
+    else:
+        raise ImageError(f"array of dtype {a.dtype}; give uint8 (0-255) or float (0-1)")
+    mode = "L" if pixels.ndim == 2 else "RGB" if pixels.shape[2] == 3 else "RGBA"
+    return Image.fromarray(np.ascontiguousarray(pixels), mode)
+
+
+def load(source: ImageInput) -> Image.Image:
+    """Any accepted input as an upright PIL image."""
+    if isinstance(source, np.ndarray):
+        return array_to_image(source)
+    if isinstance(source, Image.Image):
+        check_size(source)
+        try:
+            return ImageOps.exif_transpose(source)
+        except (OSError, ValueError) as e:
+            raise ImageError(f"cannot use this PIL image ({first_line(e)})") from None
+    return decode(read_encoded(source))
 
 
 def composite(luma: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -159,15 +248,15 @@ def fashion(grey: np.ndarray) -> np.ndarray:
     return paste(patch, (IMAGE_SIZE - h + 1) // 2, (IMAGE_SIZE - w + 1) // 2)
 
 
-RECIPES = {"digit": digit, "fashion": fashion}  # keyed by modelcard.PREPROCESS_RECIPES
+PREPROCESSORS = {name: globals()[name] for name in PREPROCESSING}  # each named after its function above
 
 
-def prepare(path: str | os.PathLike, recipe: str | None) -> np.ndarray:
-    """float32 (28, 28) in [0, 1], light on dark, of one file; recipe None (`--raw`) only converts to grey."""
-    grey = to_grey(open_image(path))
-    if recipe is not None:
-        return RECIPES[recipe](grey)
+def prepare(source: ImageInput, preprocess: str | None) -> np.ndarray:
+    """float32 (28, 28) in [0, 1], light on dark, of one input; preprocess None (raw) only converts to grey."""
+    grey = to_grey(load(source))
+    if preprocess is not None:
+        return PREPROCESSORS[preprocess](grey)
     if grey.shape != (IMAGE_SIZE, IMAGE_SIZE):
         h, w = grey.shape
-        raise ImageError(f"is {w}x{h} pixels; --raw takes {IMAGE_SIZE}x{IMAGE_SIZE} images only")
+        raise ImageError(f"is {w}x{h} pixels; raw input must be {IMAGE_SIZE}x{IMAGE_SIZE}")
     return grey

@@ -1,29 +1,24 @@
-"""The `infer` command: classify people's own images with an exported ONNX model, through onnxruntime."""
+"""The `infer` command: classify image files with an exported ONNX model (a thin layer over Classifier)."""
 from __future__ import annotations
 
 import contextlib
 import csv
 import glob
 import json
-import math
+import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
 
 import click
-import numpy as np
 
-from pipeline.images import ImageError, prepare
-from pipeline.modelcard import IMAGE_SIZE, INPUT_SPEC, PREPROCESS_RECIPES, MetadataError, ModelCard
+from pipeline.classifier import Classifier, ModelError, Result
+from pipeline.images import FORMATS, PREPROCESSORS, ImageError, read_encoded
 
-FORMATS = ("text", "json", "csv")
+OUTPUT_FORMATS = ("text", "json", "csv")
 PROGRESS_MIN = 20  # files; fewer finish before a progress bar would tell anything
 USAGE, FAILED = 2, 1  # exit statuses: a bad command line or model; some files not classified
-
-
-class ModelError(ValueError):
-    """A model file `infer` cannot use (a usage error: nothing can be classified with it)."""
+STDIN = "-"
+DISTRIBUTION = "digitlens"
 
 
 class BadUsage(click.ClickException):
@@ -32,214 +27,77 @@ class BadUsage(click.ClickException):
     exit_code = USAGE
 
 
-@dataclass(frozen=True)
-class Model:
-    session: Any  # onnxruntime.InferenceSession
-    card: ModelCard
-    input_name: str
-    fixed_batch: int | None  # the batch size a model exported without a dynamic batch dimension takes
-
-
-def first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def external_data_locations(proto) -> Iterator[str]:
-    """The `location` of every tensor stored outside the model file, subgraphs and functions included."""
-    from onnx import TensorProto
-
-    def node_tensors(nodes):
-        for node in nodes:
-            for attr in node.attribute:
-                yield from ([attr.t] if attr.HasField("t") else [])
-                yield from attr.tensors
-                for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    yield from graph_tensors(graph)
-
-    def graph_tensors(graph):
-        yield from graph.initializer
-        for sparse in graph.sparse_initializer:
-            yield from (sparse.values, sparse.indices)
-        yield from node_tensors(graph.node)
-
-    tensors = [*graph_tensors(proto.graph), *(t for f in proto.functions for t in node_tensors(f.node))]
-    for tensor in tensors:
-        if tensor.data_location == TensorProto.EXTERNAL:
-            yield {e.key: e.value for e in tensor.external_data}.get("location", "")
-
-
-def check_external_data(proto, folder: Path) -> None:
-    """Refuse external data outside the model's folder (absolute, `..`, or a link that leads out)."""
-    folder = folder.resolve()
-    for location in external_data_locations(proto):
-        if not location or Path(location).is_absolute() or not (folder / location).resolve().is_relative_to(folder):
-            raise ModelError(f"refers to external data {location!r} outside its own folder; refused")
-
-
-def assumed_card(recipe: str, output: str, classes: int) -> ModelCard:
-    """`--assume`: class names are the output indices, pixels in [0, 1] not standardised."""
-    names = [str(i) for i in range(classes)]
-    return ModelCard("unknown", "unknown", names, 0.0, 1.0, recipe, math.nan, {}, INPUT_SPEC, output)
-
-
-def open_session(path: Path, device: str):
-    """An onnxruntime session of a file checked to be ONNX with no external data outside its folder."""
-    import onnx
-    import onnxruntime as ort
-
-    if not path.exists():
-        raise ModelError("no such file")
-    if path.is_dir():
-        raise ModelError("is a directory, not an ONNX file")
-    try:
-        proto = onnx.load(path, load_external_data=False)
-    except OSError as e:
-        raise ModelError(f"cannot read it ({e.strerror})") from None
-    except Exception as e:  # noqa: BLE001 - protobuf raises several types for files that are not ONNX
-        raise ModelError(f"not an ONNX model ({first_line(e)})") from None
-    if not proto.graph.node:
-        raise ModelError("not an ONNX model (no graph)")
-    check_external_data(proto, path.parent)
-    available = ort.get_available_providers()
-    if device == "cuda" and "CUDAExecutionProvider" not in available:
-        raise BadUsage(f"--device cuda: this onnxruntime has no CUDA provider (it has {', '.join(available)}); "
-                       "install onnxruntime-gpu or use --device cpu")
-    providers = ["CUDAExecutionProvider"] * (device == "cuda") + ["CPUExecutionProvider"]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
-        raise ModelError(f"onnxruntime cannot load it ({first_line(e)})") from None
-    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
-        raise BadUsage("--device cuda: onnxruntime could not start CUDA (no GPU, or CUDA libraries missing)")
-    return session
-
-
-def load_model(path: Path, device: str = "cpu", assume: str | None = None) -> Model:
-    """The session and the model's card, after checking that `infer` can feed the model."""
-    session = open_session(path, device)
-    inputs = session.get_inputs()
-    shape = list(inputs[0].shape) if len(inputs) == 1 else []
-    if len(shape) != 4 or shape[1:] != [1, IMAGE_SIZE, IMAGE_SIZE] or inputs[0].type != "tensor(float)":
-        found = ", ".join(f"{i.type} {i.shape}" for i in inputs)
-        raise ModelError(f"takes {found}; infer feeds one float tensor (batch, 1, {IMAGE_SIZE}, {IMAGE_SIZE})")
-    fixed_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
-    meta = session.get_modelmeta().custom_metadata_map
-    try:
-        card = ModelCard.from_metadata(meta)
-    except MetadataError as e:
-        if assume is None:
-            raise ModelError(f"{e}; --assume digit|fashion uses defaults for a model without metadata") from None
-        output = session.get_outputs()[0].name
-        zeros = np.zeros((fixed_batch or 1, 1, IMAGE_SIZE, IMAGE_SIZE), np.float32)
-        card = assumed_card(assume, output, session.run([output], {inputs[0].name: zeros})[0].shape[-1])
-    if card.output not in {o.name for o in session.get_outputs()}:
-        raise ModelError(f"has no output {card.output!r}, which its metadata names")
-    return Model(session, card, inputs[0].name, fixed_batch)
-
-
-def logits(model: Model, x: np.ndarray) -> np.ndarray:
-    """(N, classes) raw outputs for images (N, 28, 28) in [0, 1], light on dark."""
-    x = ((x - model.card.mean) / model.card.std).astype(np.float32)[:, None]  # (N, 1, 28, 28)
-    step = model.fixed_batch or len(x)
-    out = []
-    for i in range(0, len(x), step):
-        chunk = x[i:i + step]
-        padded = np.concatenate([chunk, np.zeros((step - len(chunk), *chunk.shape[1:]), np.float32)])
-        out.append(model.session.run([model.card.output], {model.input_name: padded})[0][:len(chunk)])
-    result = np.concatenate(out)
-    if result.ndim != 2:
-        raise ModelError(f"outputs shape {list(result.shape)}; infer expects (batch, classes)")
-    return result
-
-
-def probabilities(model: Model, x: np.ndarray) -> np.ndarray:
-    z = logits(model, x)
-    if z.shape[1] != len(model.card.class_names):
-        raise ModelError(f"outputs {z.shape[1]} scores, but its metadata names {len(model.card.class_names)} classes")
-    z = np.exp(z - z.max(1, keepdims=True))
-    return z / z.sum(1, keepdims=True)
+def shown(name: str | os.PathLike) -> str:
+    """A file name as valid UTF-8 text: bytes that are not UTF-8 appear escaped, e.g. '\\xff'."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def image_extensions() -> set[str]:
     from PIL import Image
 
-    return set(Image.registered_extensions())
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in FORMATS}
 
 
-def expand(args: tuple[str, ...]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """(image files, (argument, problem) pairs): a folder gives the images in it, a pattern its matches."""
+def expand(args: tuple[str, ...]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(inputs, (argument, problem) pairs): a folder gives the images in it, a pattern its matches, '-' stdin."""
     files, problems = [], []
     for arg in args:
         path = Path(arg)
-        if path.is_dir():
+        if arg == STDIN:
+            found, problem = [STDIN], ""
+        elif path.is_dir():
             extensions = image_extensions()
-            found = sorted(p for p in path.iterdir()
+            found = sorted(str(p) for p in path.iterdir()
                            if p.suffix.lower() in extensions and not p.name.startswith(".") and p.is_file())
             problem = "folder holds no images"
         elif path.exists():
-            found, problem = [path], ""
+            found, problem = [arg], ""
         elif glob.has_magic(arg):
-            found = sorted(Path(p) for p in glob.glob(arg) if Path(p).is_file())
+            found = sorted(p for p in glob.glob(arg) if Path(p).is_file())
             problem = "no file matches this pattern"
         else:
             found, problem = [], "no such file or directory"
         files += found
         if not found:
             problems.append((arg, problem))
+    if files.count(STDIN) > 1:
+        raise BadUsage("'-' (standard input) can be given once only")
     return files, problems
 
 
-def classify(model: Model, files: list[Path], raw: bool = False, batch_size: int = 64) -> Iterator[list[tuple]]:
-    """Per batch of files, in order: (file, probabilities or None, error or None)."""
-    recipe = None if raw else model.card.preprocess
-    for start in range(0, len(files), batch_size):
-        batch, arrays = [], []
-        for path in files[start:start + batch_size]:
-            try:
-                arrays.append(prepare(path, recipe))
-                batch.append((path, None))
-            except ImageError as e:
-                batch.append((path, str(e)))
-            except Exception as e:  # noqa: BLE001 - one odd file must not stop the others
-                batch.append((path, f"cannot be read as an image ({type(e).__name__}: {first_line(e)})"))
-        probs = iter(probabilities(model, np.stack(arrays)) if arrays else [])
-        yield [(path, None if error else next(probs), error) for path, error in batch]
-
-
 class Report:
-    """One record per classified image on `out`: text lines, a JSON array, or CSV rows (one per rank)."""
+    """One record per classified image on `out`: text lines, a JSON array, or CSV rows (one per rank).
+    The document is complete whenever `close` has run, however few records it holds."""
 
-    def __init__(self, fmt: str, class_names: list[str], top_k: int, out=None):
-        self.fmt, self.names, self.top_k, self.out, self.count = fmt, class_names, top_k, out or sys.stdout, 0
+    def __init__(self, fmt: str, out):
+        self.fmt, self.out, self.count = fmt, out, 0
         if fmt == "csv":
-            self.csv = csv.writer(self.out, lineterminator="\n")
+            self.csv = csv.writer(self.out, lineterminator="\r\n")  # RFC 4180: quotes any name with \r or \n
             self.csv.writerow(["file", "rank", "index", "class", "probability"])
         elif fmt == "json":
             self.out.write("[")
 
-    def add(self, path: Path, probs: np.ndarray) -> None:
-        best = [(int(i), float(probs[i])) for i in np.argsort(-probs, kind="stable")[:self.top_k]]
+    def add(self, result: Result) -> None:
+        name = shown(result.source)
         if self.fmt == "text":
-            self.out.write(f"{path}: " + ", ".join(f"{self.names[i]} ({p:.3f})" for i, p in best) + "\n")
+            self.out.write(f"{name}: " + ", ".join(f"{p.label} ({p.probability:.3f})" for p in result.predictions)
+                           + "\n")
         elif self.fmt == "json":
-            record = {"file": str(path), "predictions": [
-                {"class": self.names[i], "index": i, "probability": round(p, 6)} for i, p in best]}
-            self.out.write(("," if self.count else "") + "\n  " + json.dumps(record))
+            self.out.write(("," if self.count else "") + "\n  " + json.dumps(result.to_dict() | {"file": name}))
         else:
-            for rank, (i, p) in enumerate(best, 1):
-                self.csv.writerow([str(path), rank, i, self.names[i], round(p, 6)])
+            for rank, p in enumerate(result.predictions, 1):
+                self.csv.writerow([name, rank, p.index, p.label, round(p.probability, 6)])
         self.count += 1
         self.out.flush()
 
     def close(self) -> None:
         if self.fmt == "json":
             self.out.write("\n]\n" if self.count else "]\n")
+        self.out.flush()
 
 
-def error(name: Any, problem: str) -> None:
-    click.echo(f"Error: {name}: {problem}", err=True)
+def error(name: str, problem: str) -> None:
+    click.echo(f"Error: {shown(name)}: {problem}", err=True)
 
 
 def progress(total: int):
@@ -249,14 +107,46 @@ def progress(total: int):
     return click.progressbar(length=total, label="classifying", file=sys.stderr, show_pos=True)
 
 
-@click.command(help="Classify images (files, folders of images, or glob patterns) with an exported ONNX model. "
-                    "Everything about the model (class names, normalisation, preprocessing) comes from its metadata.",
-               epilog="Exit status: 0 all classified; 1 some files could not be classified (the others are reported); "
-                      "2 usage error: a bad option or model, or a path that names no image.")
+def read_stdin() -> bytes | str:
+    try:
+        return read_encoded(sys.stdin.buffer)
+    except ImageError as e:
+        return str(e)
+
+
+def run(clf: Classifier, files: list[str], report: Report, top_k: int, raw: bool, batch_size: int) -> int:
+    """Classify and report; returns the number of inputs that could not be classified."""
+    stdin = read_stdin() if STDIN in files else None
+    if isinstance(stdin, str):  # an error reading standard input
+        error("<stdin>", stdin)
+        files = [f for f in files if f != STDIN]
+    sources = [stdin if f == STDIN else f for f in files]
+    names = ["<stdin>" if f == STDIN else f for f in files]
+    failed = int(isinstance(stdin, str))
+    with progress(len(files)) as bar:
+        for result in clf.classify(sources, top_k, raw, batch_size, names=names):
+            if bar:
+                click.echo("\r\033[K", err=True, nl=False)  # clear the bar's line before writing under it
+                bar.update(1)
+            if result.ok:
+                report.add(result)
+            else:
+                error(result.source, result.error)
+                failed += 1
+    return failed
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]},
+               help="Classify images (files, folders of images, glob patterns, or '-' for one image on standard "
+                    "input) with an exported ONNX model. Everything about the model (class names, normalisation, "
+                    "preprocessing) comes from its metadata.",
+               epilog="Exit status: 0 all classified; 1 some inputs could not be classified (the others are "
+                      "reported), or the output could not be written; 2 usage error: a bad option or model, or a "
+                      "path that names no image.")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help="An exported .onnx file.")
 @click.option("--top-k", default=1, show_default=True, type=click.IntRange(min=1), help="Classes to report per image.")
-@click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(FORMATS),
+@click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(OUTPUT_FORMATS),
               help="text: 'file: class (probability)'; json: an array of records; csv: one row per file and rank.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
               help="Images per onnxruntime call.")
@@ -264,37 +154,41 @@ def progress(total: int):
               help="cuda needs onnxruntime-gpu; refused, not silently run on the CPU, when it is missing.")
 @click.option("--raw", is_flag=True, help="The images are already 28x28, light on dark (MNIST-style): "
                                           "only convert them to grey, no inversion, cropping or centring.")
-@click.option("--assume", type=click.Choice(PREPROCESS_RECIPES),
+@click.option("--assume", type=click.Choice(list(PREPROCESSORS)),
               help="For a model without this project's metadata: use this preprocessing, pixels in [0, 1] "
                    "without standardisation, and the output indices as class names.")
+@click.version_option(package_name=DISTRIBUTION, prog_name="infer")
 def main(images, model_path, top_k, fmt, batch_size, device, raw, assume) -> None:
     try:
-        model = load_model(model_path, device, assume)
+        clf = Classifier(model_path, device, assume)
     except ModelError as e:
-        raise BadUsage(f"{model_path}: {e}") from None
+        raise BadUsage(f"{shown(model_path)}: {e}") from None
     files, problems = expand(images)
     for arg, problem in problems:
         error(arg, problem)
-    report = Report(fmt, model.card.class_names, top_k)
-    failed = 0
-    with progress(len(files)) as bar:
-        try:
-            for batch in classify(model, files, raw, batch_size):
-                if bar:
-                    click.echo("\r\033[K", err=True, nl=False)  # clear the bar's line before writing under it
-                for path, probs, problem in batch:
-                    if problem:
-                        error(path, problem)
-                        failed += 1
-                    else:
-                        report.add(path, probs)
-                if bar:
-                    bar.update(len(batch))
-        except ModelError as e:
-            raise BadUsage(f"{model_path}: {e}") from None
+    report = Report(fmt, sys.stdout)
+    try:
+        failed = run(clf, files, report, top_k, raw, batch_size)
+    except ModelError as e:
+        report.close()
+        raise BadUsage(f"{shown(model_path)}: {e}") from None
     report.close()
     sys.exit(USAGE if problems else FAILED if failed else 0)
 
 
+def cli() -> None:
+    """The console script: `main`, ending quietly on a closed pipe and in one line on a failed write."""
+    try:
+        main()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        sys.exit(141)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        click.echo(f"Error: cannot write the output ({e.strerror or e})", err=True)
+        sys.exit(FAILED)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,97 +1,63 @@
-"""What an exported model says about itself: metadata written by export and read by `infer`.
-
-Every value is JSON (parsed with json.loads, never evaluated). This module imports no torch,
-so the inference tool stays light.
-"""
+"""The model card: a short Markdown page the export stage writes beside each model, from its own metadata."""
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from pipeline.metadata import ModelInfo
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
-IMAGE_SIZE = 28
-# The tensor every exported model takes: float32 (batch, 1, 28, 28), pixels scaled to [0, 1]
-# with light strokes on a dark background (as in MNIST), then standardised with mean/std.
-INPUT_SPEC = {
-    "shape": ["batch", 1, IMAGE_SIZE, IMAGE_SIZE],
-    "dtype": "float32",
-    "value_range": [0.0, 1.0],
-    "polarity": "light-on-dark",
-    "then": "(x - mean) / std",
+DATASET_TITLES = {"mnist": "MNIST (handwritten digits)", "fashion-mnist": "Fashion-MNIST (clothing photos)"}
+USES = {
+    "digit": ("one handwritten digit per image, dark on light or light on dark, any size: it is cropped, "
+              "scaled to fit 20x20 and centred by mass in 28x28, as MNIST was made",
+              "several digits in one image, letters or symbols (it always answers with one of the 10 digits), "
+              "photos of printed or displayed numbers with clutter around them"),
+    "fashion": ("one clothing item or shoe per image, on a plain background: it is trimmed to the item, "
+                "scaled to 28 pixels on its longer side and centred, as Fashion-MNIST was made",
+                "several items in one picture, people wearing the clothes, busy backgrounds, anything "
+                "outside its 10 classes (it always answers with one of them)"),
 }
-PREPROCESS_RECIPES = ("digit", "fashion")
 
 
-class MetadataError(ValueError):
-    """A model file whose metadata is missing or not what this project writes."""
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    dataset: str
-    architecture: str
-    class_names: list[str]
-    mean: float
-    std: float
-    preprocess: str  # one of PREPROCESS_RECIPES
-    test_accuracy: float
-    params: dict
-    input: dict
-    output: str = OUTPUT_NAME
-
-    def to_metadata(self) -> dict[str, str]:
-        """String -> JSON string, as ONNX metadata_props and TorchScript _extra_files hold them."""
-        return {
-            "dataset": json.dumps(self.dataset),
-            "architecture": json.dumps(self.architecture),
-            "class_names": json.dumps(self.class_names),
-            "normalization": json.dumps({"mean": self.mean, "std": self.std}),
-            "input": json.dumps(self.input),
-            "output": json.dumps(self.output),
-            "preprocess": json.dumps(self.preprocess),
-            "test_accuracy": json.dumps(self.test_accuracy),
-            "params": json.dumps(self.params, sort_keys=True),
-        }
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, str]) -> "ModelCard":
-        missing = [k for k in ("dataset", "architecture", "class_names", "normalization", "preprocess") if k not in meta]
-        if missing:
-            raise MetadataError(f"model metadata lacks {', '.join(missing)} (not exported by this project?)")
-        try:
-            values = {k: json.loads(v) for k, v in meta.items()}
-            norm = values["normalization"]
-            card = cls(
-                dataset=str(values["dataset"]),
-                architecture=str(values["architecture"]),
-                class_names=[str(c) for c in values["class_names"]],
-                mean=float(norm["mean"]),
-                std=float(norm["std"]),
-                preprocess=str(values["preprocess"]),
-                test_accuracy=float(values.get("test_accuracy", float("nan"))),
-                params=dict(values.get("params", {})),
-                input=dict(values.get("input", INPUT_SPEC)),
-                output=str(values.get("output", OUTPUT_NAME)),
-            )
-        except (ValueError, TypeError, KeyError) as e:
-            raise MetadataError(f"model metadata is malformed ({type(e).__name__}: {e})") from None
-        if card.preprocess not in PREPROCESS_RECIPES:
-            raise MetadataError(f"model metadata names unknown preprocessing {card.preprocess!r}")
-        if card.std <= 0 or not card.class_names:
-            raise MetadataError("model metadata has a non-positive std or no class names")
-        return card
-
-    @classmethod
-    def from_checkpoint(cls, ckpt: dict, test_accuracy: float) -> "ModelCard":
-        return cls(
-            dataset=ckpt["dataset"],
-            architecture=ckpt["arch"],
-            class_names=list(ckpt["class_names"]),
-            mean=float(ckpt["normalization"]["mean"]),
-            std=float(ckpt["normalization"]["std"]),
-            preprocess=ckpt["preprocess"],
-            test_accuracy=float(test_accuracy),
-            params=ckpt["params"] | {"model_args": ckpt["model_args"]},
-            input=INPUT_SPEC,
-        )
+def model_card(name: str, info: ModelInfo, per_class: dict[str, float], parity: dict) -> str:
+    """Markdown for the model `name` (its file stem), from its metadata, per-class accuracy and parity report."""
+    recipe = info.params.get("recipe", {})
+    use, not_for = USES[info.preprocess]
+    lines = [
+        f"# `{name}`: {info.architecture} on {DATASET_TITLES.get(info.dataset, info.dataset)}",
+        "",
+        f"- Files: `{name}.onnx` (onnxruntime, opset and metadata inside), `{name}.pt` (TorchScript)",
+        f"- Export id: `{info.export_id}` (the same in both files and in the parity report)",
+        f"- Test accuracy: **{info.test_accuracy:.2f} %** on the {parity['images']:,} test images",
+        f"- Recipe: {recipe.get('optimizer', '?')} lr {recipe.get('lr', '?')}, batch {recipe.get('batch_size', '?')}, "
+        f"{recipe.get('epochs', '?')} epochs, seed {info.params.get('seed', '?')}"
+        + (", standardised inputs" if recipe.get("normalize") else "")
+        + (", random horizontal flips" if info.params.get("hflip") else ""),
+        f"- Input: float32 `(batch, 1, 28, 28)`, pixels in [0, 1] light on dark, then `(x - {info.mean:g}) / {info.std:g}`;"
+        f" output `{info.output}`: logits over {len(info.class_names)} classes",
+        f"- Preprocessing of users' images: `{info.preprocess}`",
+        f"- Parity with PyTorch on the test set: ONNX max |logit diff| {parity['onnx']['max_abs_diff']:.1e}, "
+        f"TorchScript {parity['torchscript']['max_abs_diff']:.1e}, "
+        f"{parity['onnx']['argmax_mismatches'] + parity['torchscript']['argmax_mismatches']} predictions differ",
+        "",
+        "## Intended use",
+        "",
+        f"Classifying {use}.",
+        "",
+        f"Not for: {not_for}. It reports a probability for every class; a low top probability means the image "
+        "looks like none of them.",
+        "",
+        "## Accuracy per class (test set)",
+        "",
+        "| class | accuracy |",
+        "|---|---|",
+        *(f"| {c} | {a:.2f} % |" for c, a in per_class.items()),
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from pipeline import Classifier",
+        f'clf = Classifier("artifacts/{name}.onnx")',
+        'print(clf.predict("image.png").top)',
+        "```",
+        "",
+        f"or `infer image.png --model artifacts/{name}.onnx`.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,8 +1,13 @@
-"""The four architectures of the seed recipes, looked up by name in a registry."""
+"""The four architectures of the reference recipes, looked up by name in a registry, and their checkpoints."""
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
+
+from pipeline.common import PipelineError, atomic_path
+from pipeline.datasets import IMAGE_SIZE
 
 MODELS: dict[str, type[nn.Module]] = {}
 
@@ -24,13 +29,13 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
 @register
 class Softmax(nn.Module):
-    """Softmax regression on the flattened image (seed 004)."""
+    """Softmax regression on the flattened image (reference recipe: tutorial 004)."""
 
     name = "softmax"
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
-        self.fc = nn.Linear(28 * 28, num_classes)
+        self.fc = nn.Linear(IMAGE_SIZE * IMAGE_SIZE, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 28, 28) -> (B, C)
         return self.fc(x.flatten(1))
@@ -38,7 +43,7 @@ class Softmax(nn.Module):
 
 @register
 class MLP(nn.Module):
-    """784-256-128-10 ReLU network with dropout between the hidden layers (seeds 000, 003)."""
+    """784-256-128-10 ReLU network with dropout between the hidden layers (tutorials 000, 003)."""
 
     name = "mlp"
 
@@ -46,7 +51,7 @@ class MLP(nn.Module):
         super().__init__()
         if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dropout must be a number in [0, 1) (got {dropout!r})")
-        self.fc1 = nn.Linear(28 * 28, 256)
+        self.fc1 = nn.Linear(IMAGE_SIZE * IMAGE_SIZE, 256)
         self.fc2 = nn.Linear(256, 128)
         self.fc3 = nn.Linear(128, num_classes)
         self.dropout = nn.Dropout(dropout)
@@ -61,7 +66,7 @@ class MLP(nn.Module):
 
 @register
 class SimpleCNN(nn.Module):
-    """Two 5x5 convolutions with max-pooling and one linear layer (seed 002), returning logits."""
+    """Two 5x5 convolutions with max-pooling and one linear layer (tutorial 002), returning logits."""
 
     name = "simple_cnn"
 
@@ -84,7 +89,7 @@ def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
 
 @register
 class CNN(nn.Module):
-    """Three 3x3 conv-BN-ReLU blocks and a BN MLP head (seed 001), flattening from dim 1."""
+    """Three 3x3 conv-BN-ReLU blocks and a BN MLP head (tutorial 001), flattening from dim 1."""
 
     name = "cnn"
 
@@ -107,10 +112,14 @@ class CNN(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
-def load_checkpoint(path, map_location="cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a model from a checkpoint written by the train stage; the model is in eval mode."""
-    from pipeline.common import PipelineError
+def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> None:
+    """Write a checkpoint (plain tensors, numbers, strings: torch.load(weights_only=True) reads it back)."""
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
 
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a model from a checkpoint written by the train stage; the model is in eval mode."""
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
         model = create_model(ckpt["arch"], num_classes=len(ckpt["class_names"]), **ckpt["model_args"])

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.common import PipelineError
-from pipeline.data import DATASETS
+from pipeline.datasets import DATASETS, PREPROCESSING
 from pipeline.models import MODELS
 
 PARAMS_FILE = "params.yaml"
@@ -20,7 +20,7 @@ class Strict(BaseModel):
 
 
 class Plateau(Strict):
-    """torch.optim.lr_scheduler.ReduceLROnPlateau, stepped on the epoch's last training batch loss (seed 001)."""
+    """torch.optim.lr_scheduler.ReduceLROnPlateau, stepped on the epoch's last training batch loss (tutorial 001)."""
 
     mode: Literal["min", "max"] = "min"
     factor: float = Field(0.1, gt=0, lt=1)
@@ -38,22 +38,29 @@ class Recipe(Strict):
     normalize: bool = False  # standardise with the data set's mean/std, else only scale to [0, 1]
     hflip: bool = False  # random horizontal flip augmentation, on flip-invariant data sets only
     model_args: dict[str, Any] = {}
-    scheduler: Optional[Plateau] = None
+    scheduler: Plateau | None = None
 
 
 class DatasetParams(Strict):
     mean: float = Field(ge=0, le=1)
     std: float = Field(gt=0, le=1)
     flip_invariant: bool  # a mirrored image keeps its label (clothes yes, digits no)
-    preprocess: Literal["digit", "fashion"]  # how `infer` brings a user's image to 28x28
+    preprocess: str  # how the Classifier brings a user's image to 28x28: one of datasets.PREPROCESSING
+
+    @field_validator("preprocess")
+    @classmethod
+    def known_preprocessing(cls, v: str) -> str:
+        if v not in PREPROCESSING:
+            raise ValueError(f"unknown preprocessing {v!r}; allowed: {', '.join(PREPROCESSING)}")
+        return v
 
 
 class DataParams(Strict):
-    train_limit: Optional[int] = Field(None, gt=0)  # quick runs: train on the first N images only
+    train_limit: int | None = Field(None, gt=0)  # quick runs: train on the first N images only
 
 
 class TrainParams(Strict):
-    epochs: Optional[int] = Field(None, gt=0)  # quick runs: replaces every recipe's epoch count
+    epochs: int | None = Field(None, gt=0)  # quick runs: replaces every recipe's epoch count
     eval_batch_size: int = Field(1000, gt=0)
     threads: int = Field(0, ge=0)  # torch intra-op threads on the CPU; 0 = torch's default
     channels_last: bool = True  # NHWC memory format for the convolutional models
@@ -87,7 +94,8 @@ class Params(Strict):
             accepted = set(inspect.signature(MODELS[name]).parameters) - {"num_classes"}
             for arg in recipe.model_args:
                 if arg not in accepted:
-                    raise ValueError(f"{name}.model_args: unknown argument {arg!r}; allowed: {', '.join(sorted(accepted)) or 'none'}")
+                    allowed = ", ".join(sorted(accepted)) or "none"
+                    raise ValueError(f"{name}.model_args: unknown argument {arg!r}; allowed: {allowed}")
             if not recipe.model_args:
                 continue  # the defaults are valid
             try:  # the values too: the constructor checks them (a few ms on the CPU)
@@ -97,7 +105,7 @@ class Params(Strict):
         return v
 
     @model_validator(mode="after")
-    def everything_covered(self) -> "Params":
+    def everything_covered(self) -> Params:
         for kind, have, known in (("datasets", self.datasets, DATASETS), ("recipes", self.recipes, MODELS)):
             missing = [k for k in known if k not in have]
             if missing:

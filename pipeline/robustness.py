@@ -9,7 +9,9 @@ import click
 import numpy as np
 from PIL import Image
 
-from pipeline.infer import BadUsage, ModelError, classify, load_model
+from pipeline.classifier import Classifier, ModelError
+from pipeline.common import table
+from pipeline.infer import BadUsage
 
 CANVAS = 200  # pixels; the digit is drawn DRAWN_SIDE pixels tall or wide, off-centre
 DRAWN_SIDE = (100, 140)
@@ -74,21 +76,20 @@ def write_variants(images: np.ndarray, folder: Path, seed: int = 0) -> dict[str,
     return files
 
 
-def predictions(model, files: list[Path], raw: bool = False) -> np.ndarray:
-    """Predicted class per file, -1 where infer could not classify it."""
-    return np.array([-1 if probs is None else int(probs.argmax())
-                     for batch in classify(model, files, raw, batch_size=256) for _, probs, _ in batch])
+def predictions(clf: Classifier, files: list[Path], raw: bool = False) -> np.ndarray:
+    """Predicted class per file, -1 where the Classifier could not classify it."""
+    return np.array([r.top.index if r.ok else -1 for r in clf.classify(files, raw=raw, batch_size=256)])
 
 
-def measure(model, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> list[dict]:
+def measure(clf: Classifier, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> list[dict]:
     """One row per variant (and overall): agreement with infer --raw on the originals, and accuracy."""
     with tempfile.TemporaryDirectory(prefix="robustness-") as tmp:
         files = write_variants(images, Path(tmp), seed)
-        reference = predictions(model, files.pop("original"), raw=True)
+        reference = predictions(clf, files.pop("original"), raw=True)
         rows = [{"variant": "original (--raw)", "images": len(images), "agree": len(images),
                  "accuracy": float((reference == labels).mean())}]
         for name, paths in files.items():
-            predicted = predictions(model, paths)
+            predicted = predictions(clf, paths)
             rows.append({"variant": name, "images": len(paths), "agree": int((predicted == reference).sum()),
                          "failed": int((predicted < 0).sum()), "accuracy": float((predicted == labels).mean())})
     variants = rows[1:]
@@ -99,12 +100,10 @@ def measure(model, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> lis
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    lines = [f"{'variant':<18}{'images':>7}{'agree':>7}{'agreement':>11}{'failed':>8}{'accuracy':>10}"]
-    for r in rows:
-        lines.append(f"{r['variant']:<18}{r['images']:>7}{r['agree']:>7}{r['agreement']:>10.1f}%"
-                     f"{r.get('failed', 0):>8}{100 * r['accuracy']:>9.1f}%")
-    return "\n".join(lines)
+def formatted(rows: list[dict]) -> str:
+    return table([r | {"agreement": f"{r['agreement']:.1f}%", "accuracy": f"{100 * r['accuracy']:.1f}%",
+                       "failed": r.get("failed", 0)} for r in rows],
+                 ["variant", "images", "agree", "agreement", "failed", "accuracy"])
 
 
 @click.command(help="Re-encode MNIST test digits as users' files (dark on white, off-centre on 200x200, RGB, RGBA, "
@@ -117,19 +116,19 @@ def table(rows: list[dict]) -> str:
 @click.option("--seed", default=0, show_default=True, help="Placement and size of the drawn digits.")
 @click.option("--threshold", default=98.0, show_default=True, type=click.FloatRange(0, 100), help="Agreement floor, %.")
 def main(model_path, data_dir, count, seed, threshold) -> None:
-    from pipeline.data import load_split  # imports torchvision; this measurement is not on infer's fast path
+    from pipeline.datasets import load_split
 
     try:
-        model = load_model(model_path)
+        clf = Classifier(model_path)
     except ModelError as e:
         raise BadUsage(f"{model_path}: {e}") from None
-    if model.card.preprocess != "digit":
-        raise BadUsage(f"{model_path}: a {model.card.dataset} model; this measurement uses MNIST digits")
+    if clf.info.preprocess != "digit":
+        raise BadUsage(f"{model_path}: a {clf.info.dataset} model; this measurement uses MNIST digits")
     images, labels = load_split(data_dir, "test")
-    rows = measure(model, images[:count], labels[:count], seed)
-    print(f"{model_path} ({model.card.architecture} on {model.card.dataset}), first {len(images[:count])} "
+    rows = measure(clf, images[:count], labels[:count], seed)
+    print(f"{model_path} ({clf.info.architecture} on {clf.info.dataset}), first {len(images[:count])} "
           f"MNIST test images; agreement = same prediction as `infer --raw` on the original 28x28 image\n")
-    print(table(rows))
+    print(formatted(rows), end="")
     low = [r["variant"] for r in rows[1:] if r["agreement"] < threshold]
     if low:
         print(f"\nbelow {threshold:g} %: {', '.join(low)}", file=sys.stderr)

@@ -6,19 +6,20 @@ from pathlib import Path
 
 import click
 
-from pipeline.common import stage_command, write_text
-from pipeline.data import DATASETS
+from pipeline.common import stage_command, table, write_text
+from pipeline.datasets import DATASETS
 from pipeline.models import MODELS
 
 COLUMNS = ["dataset", "model", "test accuracy", "test loss", "parameters", "epochs", "training time",
            "device", "precision", "ONNX max abs diff", "TorchScript max abs diff"]
 
 
-def row(dataset: str, arch: str, metrics: dict, parity: dict | None) -> list[str]:
+def row(dataset: str, arch: str, metrics: dict, parity: dict | None) -> dict:
     diff = (lambda fmt: f"{parity[fmt]['max_abs_diff']:.1e}") if parity else (lambda fmt: "not exported")
-    return [dataset, arch, f"{metrics['accuracy']:.2f} %", f"{metrics['loss']:.4f}", f"{metrics['params']:,}",
-            str(metrics["epochs"]), f"{metrics['train_time_s']:.0f} s", metrics["device"], metrics["precision"],
-            diff("onnx"), diff("torchscript")]
+    return dict(zip(COLUMNS, [
+        dataset, arch, f"{metrics['accuracy']:.2f} %", f"{metrics['loss']:.4f}", f"{metrics['params']:,}",
+        str(metrics["epochs"]), f"{metrics['train_time_s']:.0f} s", metrics["device"], metrics["precision"],
+        diff("onnx"), diff("torchscript")]))
 
 
 def summary_table(reports_dir: str | Path) -> str:
@@ -31,9 +32,7 @@ def summary_table(reports_dir: str | Path) -> str:
                 continue
             parity = json.loads((folder / "parity.json").read_text()) if (folder / "parity.json").exists() else None
             rows.append(row(dataset, arch, json.loads((folder / "metrics.json").read_text()), parity))
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return table(rows, COLUMNS, markdown=True)
 
 
 @click.command(help="Write the Markdown summary of every evaluated model.")
@@ -41,10 +40,10 @@ def summary_table(reports_dir: str | Path) -> str:
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
 @stage_command
 def main(reports: str, out: str) -> None:
-    table = summary_table(reports)
+    text = summary_table(reports)
     write_text(out, "# Models\n\nTest-set figures on the 10,000 test images, written by `dvc repro` "
-                    "(pipeline/summary.py).\n\n" + table)
-    print(table, end="")
+                    "(pipeline/summary.py).\n\n" + text)
+    print(text, end="")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MIRROR = Path(os.environ.get("DATASET_MIRROR", ROOT.parent / "shared" / "datasets"))
+# Absolute, so that subprocesses working in another folder (dvc exp run) find it too
+MIRROR = Path(os.environ.get("DATASET_MIRROR", ROOT.parent / "shared" / "datasets")).resolve()
 
 
 @pytest.fixture(scope="session")
@@ -49,11 +50,11 @@ def exported(tmp_path_factory, data_root, params):
     """export(dataset, arch) -> (onnx path, torchscript path, checkpoint): a briefly trained model, exported."""
     import torch
 
-    from pipeline.data import load_split
-    from pipeline.export import export
-    from pipeline.modelcard import ModelCard
-    from pipeline.models import load_checkpoint
-    from pipeline.train import save_checkpoint, to_inputs, train
+    from pipeline.conversion import export, model_info
+    from pipeline.datasets import load_split
+    from pipeline.models import load_checkpoint, save_checkpoint
+    from pipeline.tensors import to_inputs
+    from pipeline.training import train
 
     cache: dict = {}
     out = tmp_path_factory.mktemp("exported")
@@ -64,9 +65,9 @@ def exported(tmp_path_factory, data_root, params):
             save_checkpoint(ckpt, out / f"{dataset}-{arch}.ckpt")
             model, ckpt = load_checkpoint(out / f"{dataset}-{arch}.ckpt")
             images, _ = load_split(data_root / dataset, "test")
-            x = to_inputs(images[:500], ckpt["normalization"]["mean"], ckpt["normalization"]["std"], torch.device("cpu"))
-            card = ModelCard.from_checkpoint(ckpt, test_accuracy=ckpt["history"][-1]["test_accuracy"])
-            ts_bytes, onnx_bytes, _ = export(model, card, x.numpy())
+            info = model_info(ckpt, ckpt["history"][-1]["test_accuracy"], f"test-{dataset}-{arch}")
+            x = to_inputs(images[:500], info.mean, info.std, torch.device("cpu"))
+            ts_bytes, onnx_bytes, _ = export(model, info, x.numpy(), batch_size=250)
             paths = out / f"{dataset}-{arch}.onnx", out / f"{dataset}-{arch}.pt"
             paths[0].write_bytes(onnx_bytes)
             paths[1].write_bytes(ts_bytes)

@@ -1,3 +1,4 @@
+import dataclasses
 import gzip
 import hashlib
 import struct
@@ -5,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from pipeline import data
+from pipeline import data, datasets
 from pipeline.common import PipelineError
 
 
@@ -18,56 +19,57 @@ def test_read_idx_images_and_labels(tmp_path):
     images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
     write_idx(tmp_path / "img", images)
     write_idx(tmp_path / "lbl", np.array([3, 7], dtype=np.uint8))
-    np.testing.assert_array_equal(data.read_idx(tmp_path / "img"), images)
-    np.testing.assert_array_equal(data.read_idx(tmp_path / "lbl"), [3, 7])
+    np.testing.assert_array_equal(datasets.read_idx(tmp_path / "img"), images)
+    np.testing.assert_array_equal(datasets.read_idx(tmp_path / "lbl"), [3, 7])
 
 
 def test_read_idx_refuses_truncated_file(tmp_path):
     write_idx(tmp_path / "img", np.zeros((3, 28, 28)))
     (tmp_path / "img").write_bytes((tmp_path / "img").read_bytes()[:-5])
     with pytest.raises(PipelineError, match=r"should be \d+ bytes, is \d+"):
-        data.read_idx(tmp_path / "img")
+        datasets.read_idx(tmp_path / "img")
 
 
 def test_read_idx_refuses_truncated_header(tmp_path):
     (tmp_path / "img").write_bytes(bytes([0, 0, 8, 3, 0, 0]))
     with pytest.raises(PipelineError, match="truncated IDX header"):
-        data.read_idx(tmp_path / "img")
+        datasets.read_idx(tmp_path / "img")
 
 
 @pytest.mark.parametrize("magic", [b"\x1f\x8b\x08\x00", b"\x00\x00\x42\x03", b"PK\x03\x04", b""])
 def test_read_idx_refuses_wrong_magic(tmp_path, magic):
     (tmp_path / "img").write_bytes(magic + bytes(100))
     with pytest.raises(PipelineError, match="not an IDX file"):
-        data.read_idx(tmp_path / "img")
+        datasets.read_idx(tmp_path / "img")
 
 
 def test_load_split_refuses_mismatched_labels(tmp_path):
     write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((3, 28, 28)))
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(2))
     with pytest.raises(PipelineError, match="do not match"):
-        data.load_split(tmp_path, "test")
+        datasets.load_split(tmp_path, "test")
 
 
 def test_mirror_checksums_and_sanity_figures(data_root):
-    images, labels = data.load_split(data_root / "mnist", "train")
+    images, labels = datasets.load_split(data_root / "mnist", "train")
     assert images.shape == (60000, 28, 28) and images.dtype == np.uint8
     assert abs(images.mean() / 255 - 0.1307) < 1e-4
     np.testing.assert_array_equal(np.bincount(labels)[:3], [5923, 6742, 5958])
-    test_images, test_labels = data.load_split(data_root / "fashion-mnist", "test")
+    test_images, test_labels = datasets.load_split(data_root / "fashion-mnist", "test")
     assert test_images.shape == (10000, 28, 28) and np.bincount(test_labels).tolist() == [1000] * 10
 
 
 @pytest.fixture
 def offline_hosts(monkeypatch):
     """The official hosts replaced by a closed local port, so failures come fast and offline."""
-    monkeypatch.setattr(data.DatasetInfo, "urls", property(lambda self: ["http://127.0.0.1:9/"]))
+    for name, info in datasets.DATASETS.items():
+        monkeypatch.setitem(datasets.DATASETS, name, dataclasses.replace(info, urls=["http://127.0.0.1:9/"]))
 
 
 def fake_mirror(root, dataset, content_for):
     folder = root / dataset
     folder.mkdir(parents=True)
-    for name in data.DATASETS[dataset].sha256:
+    for name in datasets.DATASETS[dataset].sha256:
         (folder / f"{name}.gz").write_bytes(gzip.compress(content_for(name)))
     return root
 
@@ -99,17 +101,17 @@ def test_not_gzip_and_missing_file_are_reported(tmp_path, monkeypatch, offline_h
 
 def test_recompressed_mirror_accepted_over_url(tmp_path, monkeypatch, mirror):
     """Any gzip of the right content passes, and the mirror may be a URL (file:// here)."""
-    real = {n: gzip.decompress((mirror / "mnist" / f"{n}.gz").read_bytes()) for n in data.DATASETS["mnist"].sha256}
+    real = {n: gzip.decompress((mirror / "mnist" / f"{n}.gz").read_bytes()) for n in datasets.DATASETS["mnist"].sha256}
     fake_mirror(tmp_path / "mirror", "mnist", real.__getitem__)
     monkeypatch.setenv(data.MIRROR_ENV, (tmp_path / "mirror").as_uri())
     data.fetch("mnist", tmp_path / "out", log=lambda msg: None)
-    for name, content in real.items():
-        assert hashlib.sha256((tmp_path / "out" / name).read_bytes()).hexdigest() == data.DATASETS["mnist"].sha256[name]
+    for name in real:
+        assert hashlib.sha256((tmp_path / "out" / name).read_bytes()).hexdigest() == datasets.DATASETS["mnist"].sha256[name]
 
 
 def test_sources_order(monkeypatch):
     monkeypatch.delenv(data.MIRROR_ENV, raising=False)
-    assert data.sources("fashion-mnist") == data.DATASETS["fashion-mnist"].urls
+    assert data.sources("fashion-mnist") == datasets.DATASETS["fashion-mnist"].urls
     assert any("amazonaws" in url for url in data.sources("mnist"))
     monkeypatch.setenv(data.MIRROR_ENV, "/some/mirror/")
     assert data.sources("mnist")[0] == "/some/mirror/mnist/"

@@ -8,17 +8,28 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline import export as ex
+from pipeline import conversion as ex
+from pipeline import export as export_stage
+from pipeline.classifier import Classifier
 from pipeline.common import PipelineError
-from pipeline.data import dataset_info
-from pipeline.modelcard import INPUT_NAME, INPUT_SPEC, OUTPUT_NAME, ModelCard
-from pipeline.models import create_model, list_models
+from pipeline.datasets import dataset_info
+from pipeline.metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo
+from pipeline.models import create_model, list_models, save_checkpoint
+from pipeline.runtime import ModelError, onnx_session
 from tests.conftest import ROOT
 
 
-def card_for(arch: str, dataset: str = "mnist") -> ModelCard:
-    return ModelCard(dataset, arch, dataset_info(dataset).classes, 0.1307, 0.3081, "digit", 12.5,
-                     {"seed": 0, "recipe": {"lr": 0.1}}, INPUT_SPEC)
+def card_for(arch: str, dataset: str = "mnist") -> ModelInfo:
+    return ModelInfo(dataset, arch, dataset_info(dataset).classes, 0.1307, 0.3081, "digit", 12.5,
+                     {"seed": 0, "recipe": {"lr": 0.1}}, export_id="abc")
+
+
+def load_torchscript(path) -> tuple[torch.jit.ScriptModule, ModelInfo]:
+    """A TorchScript export and the metadata in its extra file, as a user with torch would load them."""
+    extra = {ex.METADATA_FILE: ""}
+    with ex.torchscript_deprecation_expected():
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return module.eval(), ModelInfo.from_metadata(json.loads(extra[ex.METADATA_FILE]))
 
 
 @pytest.fixture(scope="module", params=list_models())
@@ -30,7 +41,8 @@ def exported_random(request, tmp_path_factory):
         model.train()(torch.randn(64, 1, 28, 28))  # move BatchNorm running stats off their defaults
     model.eval()
     card = card_for(request.param)
-    ts_bytes, onnx_bytes, report = ex.export(model, card, np.random.default_rng(0).random((300, 1, 28, 28), np.float32))
+    x = np.random.default_rng(0).random((300, 1, 28, 28), np.float32)
+    ts_bytes, onnx_bytes, report = ex.export(model, card, x, batch_size=128)
     folder = tmp_path_factory.mktemp(request.param)
     (folder / "m.onnx").write_bytes(onnx_bytes)
     (folder / "m.pt").write_bytes(ts_bytes)
@@ -43,8 +55,8 @@ def test_onnx_and_torchscript_match_pytorch(exported_random, batch):
     x = torch.from_numpy(np.random.default_rng(batch).normal(0.5, 1.0, (batch, 1, 28, 28)).astype(np.float32))
     with torch.inference_mode():
         reference = model(x).numpy()
-    onnx_out = ex.onnx_session(folder / "m.onnx").run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
-    scripted, _ = ex.load_torchscript(folder / "m.pt")
+    onnx_out = onnx_session(folder / "m.onnx").run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+    scripted, _ = load_torchscript(folder / "m.pt")
     with torch.inference_mode():
         ts_out = scripted(x).numpy()
     for out in (onnx_out, ts_out):
@@ -70,15 +82,15 @@ def test_onnx_file_is_self_contained_and_checked(exported_random):
 
 def test_metadata_round_trips_through_onnxruntime(exported):
     onnx_path, ts_path, ckpt = exported("fashion-mnist", "mlp")
-    meta = ex.onnx_session(onnx_path).get_modelmeta().custom_metadata_map
-    card = ModelCard.from_metadata(meta)
-    assert card == ModelCard.from_checkpoint(ckpt, ckpt["history"][-1]["test_accuracy"])
+    meta = onnx_session(onnx_path).get_modelmeta().custom_metadata_map
+    card = ModelInfo.from_metadata(meta)
+    assert card == ex.model_info(ckpt, ckpt["history"][-1]["test_accuracy"], "test-fashion-mnist-mlp")
     assert card.class_names == list(ckpt["class_names"]) and card.class_names[0] == "T-shirt/top"
     assert (card.mean, card.std) == (ckpt["normalization"]["mean"], ckpt["normalization"]["std"])
     assert card.preprocess == "fashion" and card.input["polarity"] == "light-on-dark"
     assert card.params["recipe"]["batch_size"] == 64 and card.params["model_args"] == {"dropout": 0.2}
     assert all(isinstance(json.loads(v), (str, list, dict, float, int)) for v in meta.values())
-    _, ts_card = ex.load_torchscript(ts_path)
+    _, ts_card = load_torchscript(ts_path)
     assert ts_card == card
 
 
@@ -107,21 +119,16 @@ def test_corrupt_exports_are_refused(exported, tmp_path, damage):
         data = src.read_bytes()
         data = {"truncate": data[: len(data) // 2], "garbage": b"\x00junk" * 50, "empty": b""}[damage]
         (tmp_path / src.name).write_bytes(data)
-    with pytest.raises(PipelineError, match=r"m?\.pt: not a TorchScript model of this project"):
-        ex.load_torchscript(tmp_path / ts_path.name)
-    from pipeline.infer import ModelError, load_model  # what loads users' .onnx files
-
     with pytest.raises(ModelError, match=r"^not an ONNX model \("):
-        load_model(tmp_path / onnx_path.name)
+        Classifier(tmp_path / onnx_path.name)  # what loads users' .onnx files
 
 
 def test_parity_failure_writes_nothing(exported, data_root, tmp_path, monkeypatch):
     """The stage refuses a disagreeing export and leaves no artifact behind."""
     onnx_path, _, ckpt = exported("mnist", "softmax")
-    from pipeline.train import save_checkpoint
-
     save_checkpoint(ckpt, tmp_path / "softmax.ckpt")
     (tmp_path / "metrics.json").write_text(json.dumps({"accuracy": 90.0}))
+    (tmp_path / "classes.json").write_text(json.dumps({"accuracy": {c: 90.0 for c in ckpt["class_names"]}}))
     real_parity = ex.parity
 
     def off_by_a_bit(*args, **kwargs):
@@ -130,20 +137,27 @@ def test_parity_failure_writes_nothing(exported, data_root, tmp_path, monkeypatc
         return report
 
     monkeypatch.setattr(ex, "parity", off_by_a_bit)
-    outs = {"--onnx": tmp_path / "a.onnx", "--torchscript": tmp_path / "a.pt", "--parity": tmp_path / "p.json"}
+    outs = {"--onnx": tmp_path / "a.onnx", "--torchscript": tmp_path / "a.pt", "--parity": tmp_path / "p.json",
+            "--card": tmp_path / "a.md"}
     args = ["--model", str(tmp_path / "softmax.ckpt"), "--data", str(data_root / "mnist"),
-            "--metrics", str(tmp_path / "metrics.json")] + [str(a) for kv in outs.items() for a in kv]
-    result = CliRunner().invoke(ex.main, args)
+            "--metrics", str(tmp_path / "metrics.json"), "--classes", str(tmp_path / "classes.json"),
+            "--params", str(ROOT / "params.yaml")] + [str(a) for kv in outs.items() for a in kv]
+    result = CliRunner().invoke(export_stage.main, args)
     assert result.exit_code == 1
     assert result.output.startswith("Error: onnx export disagrees with PyTorch: max |diff| 0.0003 (limit 0.0001)")
     assert not any(p.exists() for p in outs.values())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "softmax.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.json", "metrics.json", "softmax.ckpt"]
 
     monkeypatch.setattr(ex, "parity", real_parity)
-    assert CliRunner().invoke(ex.main, args).exit_code == 0
+    assert CliRunner().invoke(export_stage.main, args).exit_code == 0
     parity = json.loads(outs["--parity"].read_text())
     assert parity["images"] == 10000 and parity["onnx"]["max_abs_diff"] <= ex.TOLERANCE
-    assert ModelCard.from_metadata(ex.onnx_session(outs["--onnx"]).get_modelmeta().custom_metadata_map).test_accuracy == 90.0
+    info = Classifier(outs["--onnx"]).info
+    assert info.test_accuracy == 90.0 and len(info.export_id) == 16
+    assert load_torchscript(outs["--torchscript"])[1].export_id == info.export_id == parity["export_id"]
+    card = outs["--card"].read_text()
+    assert card.startswith("# `a`: softmax on MNIST") and f"Export id: `{info.export_id}`" in card
+    assert "| 7 - seven | 90.00 % |" in card and "Test accuracy: **90.00 %** on the 10,000 test images" in card
 
 
 def test_check_parity_counts_differing_predictions():

@@ -15,10 +15,10 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from pipeline import infer, robustness
-from pipeline.data import DATASETS, load_split
+from pipeline.datasets import DATASETS, load_split
 from pipeline.images import prepare
+from pipeline.metadata import INPUT_NAME, OUTPUT_NAME
 from pipeline.models import list_models
-from pipeline.modelcard import INPUT_NAME, OUTPUT_NAME
 from tests.conftest import ROOT
 from tests.test_images import BAD_FILES
 
@@ -108,7 +108,7 @@ def test_user_images_are_preprocessed_then_classified_in_one_batch(tmp_path, mni
 def test_formats_agree_and_top_k_is_sorted(tmp_path, mnist, digits):
     onnx_path, _, ckpt = mnist
     files = [drawn(d, tmp_path / f"{i}.png", seed=i) for i, d in enumerate(digits[:3])]
-    text, js, table = (run(*files, "--model", onnx_path, "--top-k", 3, "--format", f) for f in infer.FORMATS)
+    text, js, table = (run(*files, "--model", onnx_path, "--top-k", 3, "--format", f) for f in infer.OUTPUT_FORMATS)
     assert text.exit_code == js.exit_code == table.exit_code == 0
     records = json.loads(js.stdout)
     rows = list(csv.DictReader(io.StringIO(table.stdout)))
@@ -196,7 +196,7 @@ def test_bad_file_is_reported_and_the_good_ones_classified(tmp_path, mnist, digi
 def test_raw_refuses_an_image_that_is_not_28x28(tmp_path, mnist, digits):
     result = run(drawn(digits[0], tmp_path / "big.png"), "--model", mnist[0], "--raw")
     assert result.exit_code == 1 and result.stdout == ""
-    one_line_error(result, tmp_path / "big.png", "--raw takes 28x28")
+    one_line_error(result, tmp_path / "big.png", "raw input must be 28x28")
 
 
 @pytest.mark.parametrize("make, reason", [
@@ -257,9 +257,9 @@ BAD_MODELS = {  # name -> (writer(path, mnist, metadata), what the error says)
     "notes.onnx": (lambda p, m, meta: written(p, b"hello, I am not a model\n"), "not an ONNX model"),
     "noise.onnx": (lambda p, m, meta: written(p, np.random.default_rng(0).bytes(5000)), "not an ONNX model"),
     "truncated.onnx": (lambda p, m, meta: written(p, m[0].read_bytes()[:100_000]), "not an ONNX model"),
-    "32x32.onnx": (lambda p, m, meta: tiny_model(p, ("batch", 1, 32, 32), meta), "infer feeds one float tensor"),
-    "rgb.onnx": (lambda p, m, meta: tiny_model(p, ("batch", 3, 28, 28), meta), "infer feeds one float tensor"),
-    "no-metadata.onnx": (lambda p, m, meta: tiny_model(p), "--assume digit|fashion"),
+    "32x32.onnx": (lambda p, m, meta: tiny_model(p, ("batch", 1, 32, 32), meta), "expected one float tensor"),
+    "rgb.onnx": (lambda p, m, meta: tiny_model(p, ("batch", 3, 28, 28), meta), "expected one float tensor"),
+    "no-metadata.onnx": (lambda p, m, meta: tiny_model(p), "(infer --assume)"),
     "outside.onnx": (lambda p, m, meta: tiny_model(p, metadata=meta, external="../weights.bin"),
                      "outside its own folder"),
     "absolute.onnx": (lambda p, m, meta: tiny_model(p, metadata=meta, external=str(p.parent.parent / "w.bin")),
@@ -343,7 +343,7 @@ def test_fixed_batch_model_takes_one_image_at_a_time(tmp_path, metadata, digits)
 def test_cuda_without_cuda_provider_is_a_usage_error(tmp_path, mnist, digits):
     result = run(drawn(digits[0], tmp_path / "d.png"), "--model", mnist[0], "--device", "cuda")
     assert result.exit_code == 2 and result.stdout == ""
-    assert result.stderr.startswith("Error: --device cuda: this onnxruntime has no CUDA provider")
+    assert result.stderr.startswith(f"Error: {mnist[0]}: device cuda: this onnxruntime has no CUDA provider")
     assert len(result.stderr.splitlines()) == 1
 
 
@@ -408,7 +408,7 @@ def test_robustness_table_and_exit_status(mnist, data_root):
     args = ["--model", str(mnist[0]), "--data", str(data_root / "mnist"), "--count", "12"]
     result = CliRunner().invoke(robustness.main, args + ["--threshold", "0"])
     assert result.exit_code == 0, result.output
-    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[3:]}
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[4:]}
     assert list(rows) == ["original", *robustness.VARIANTS, "overall"]
     agreements = [float(rows[v][3].rstrip("%")) for v in [*robustness.VARIANTS, "overall"]]
     assert all(0 <= a <= 100 for a in agreements) and rows["overall"][1] == str(12 * len(robustness.VARIANTS))

@@ -4,7 +4,7 @@ import torch
 from pipeline.models import MODELS, create_model, list_models
 
 
-def test_registry_has_the_four_seed_architectures():
+def test_registry_has_the_four_reference_architectures():
     assert list_models() == ["softmax", "mlp", "simple_cnn", "cnn"]
 
 

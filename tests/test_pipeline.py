@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.data import DATASETS
+from pipeline.datasets import DATASETS
 from pipeline.models import list_models
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
 
 PROJECT_FILES = ["pipeline", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore"]
 

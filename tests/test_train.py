@@ -4,10 +4,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline import train as tr
-from pipeline.bench import seed_dataset, seed_train_steps, seed_transform
+from pipeline import train as train_stage
+from pipeline import training as tr
+from pipeline.bench import reference_dataset, reference_train_steps, reference_transform
 from pipeline.common import PipelineError
-from pipeline.models import create_model, list_models
+from pipeline.datasets import load_split
+from pipeline.models import create_model, list_models, load_checkpoint, save_checkpoint
+from pipeline.tensors import amp_dtype, pick_device, to_inputs
 from tests.conftest import quick_params
 
 
@@ -26,26 +29,26 @@ def test_random_hflip_flips_only_masked_images():
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn", "simple_cnn"])
-def test_fast_loop_matches_seed_loop(arch, params, data_root):
-    """Same model, same permutation: the tensor loop and the seeds' DataLoader loop take the same steps."""
+def test_fast_loop_matches_reference_loop(arch, params, data_root):
+    """Same model, same permutation: the tensor loop and the reference DataLoader loop take the same steps."""
     recipe = params.recipe(arch)
     mean, std = params.normalization("mnist", arch)
-    images, labels = tr.load_split(data_root / "mnist", "train")
-    x, y = tr.to_inputs(images, mean, std, torch.device("cpu")), torch.from_numpy(labels)
+    images, labels = load_split(data_root / "mnist", "train")
+    x, y = to_inputs(images, mean, std, torch.device("cpu")), torch.from_numpy(labels)
     steps = 5
     batches = tr.epoch_batches(len(x), recipe.batch_size, recipe.drop_last, torch.Generator().manual_seed(1))[:steps]
 
     torch.manual_seed(0)
     ours = create_model(arch, **recipe.model_args)
     theirs = copy.deepcopy(ours)
-    dataset = seed_dataset("mnist", data_root / "mnist", True, seed_transform(params, "mnist", arch))
+    dataset = reference_dataset("mnist", data_root / "mnist", True, reference_transform(params, "mnist", arch))
     loader = torch.utils.data.DataLoader(dataset, batch_size=recipe.batch_size, sampler=torch.cat(batches).tolist(),
                                          generator=torch.Generator())  # keeps the global RNG for dropout
 
     torch.manual_seed(5)  # dropout draws the same masks in both loops
     mean_loss, last_loss = tr.train_epoch(ours, tr.make_optimizer(ours, recipe), x, y, batches)
     torch.manual_seed(5)
-    seed_losses = seed_train_steps(theirs, tr.make_optimizer(theirs, recipe), loader, torch.device("cpu"))
+    seed_losses = reference_train_steps(theirs, tr.make_optimizer(theirs, recipe), loader, torch.device("cpu"))
     assert len(seed_losses) == steps
     assert last_loss == pytest.approx(seed_losses[-1], abs=1e-5)
     assert mean_loss == pytest.approx(sum(seed_losses) / steps, abs=1e-5)
@@ -53,18 +56,21 @@ def test_fast_loop_matches_seed_loop(arch, params, data_root):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_amp_choice():
+def test_amp_choice(monkeypatch):
     cpu = torch.device("cpu")
-    assert tr.amp_dtype("off", cpu) is None and tr.amp_dtype("bf16", cpu) is torch.bfloat16
-    assert tr.amp_dtype("auto", cpu) in (None, torch.bfloat16)
+    assert amp_dtype("off", cpu) is None and amp_dtype("bf16", cpu) is torch.bfloat16
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert amp_dtype("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert amp_dtype("auto", cpu) is None
 
 
 @pytest.mark.parametrize("arch", list_models())
 def test_bf16_autocast_trains_like_fp32(arch, params, data_root):
     """Under bf16 autocast the forward pass is bf16, the weights stay float32 and learn the same steps."""
     recipe = params.recipe(arch)
-    images, labels = tr.load_split(data_root / "mnist", "train")
-    x, y = tr.to_inputs(images[:1000], *params.normalization("mnist", arch), torch.device("cpu")), \
+    images, labels = load_split(data_root / "mnist", "train")
+    x, y = to_inputs(images[:1000], *params.normalization("mnist", arch), torch.device("cpu")), \
         torch.from_numpy(labels[:1000])
     torch.manual_seed(0)
     fp32 = create_model(arch, **recipe.model_args)
@@ -93,10 +99,8 @@ def test_same_seed_same_metrics(params, data_root):
 
 @pytest.mark.parametrize("arch", list_models())
 def test_checkpoint_rebuilds_the_model(arch, params, data_root, tmp_path):
-    from pipeline.models import load_checkpoint
-
     ckpt = tr.train(quick_params(params, train_limit=500), "mnist", arch, data_root / "mnist", log=lambda m: None)
-    tr.save_checkpoint(ckpt, tmp_path / "m.pt")
+    save_checkpoint(ckpt, tmp_path / "m.pt")
     raw = torch.load(tmp_path / "m.pt", weights_only=True)
     assert {"arch", "model_args", "state_dict", "dataset", "class_names", "normalization", "params"} <= set(raw)
     assert raw["class_names"][7] == "7 - seven" and raw["params"]["data"]["train_limit"] == 500
@@ -121,14 +125,14 @@ def test_cuda_requested_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     with pytest.raises(PipelineError, match="device: 'cuda' asked for"):
-        tr.pick_device("cuda")
-    assert tr.pick_device("auto").type == "cpu"
+        pick_device("cuda")
+    assert pick_device("auto").type == "cpu"
 
 
 def test_bad_params_stop_the_stage_before_work(tmp_path, data_root):
     (tmp_path / "params.yaml").write_text("seed: 0\ndevice: auto\n")
     out = tmp_path / "model.pt"
-    result = CliRunner().invoke(tr.main, ["--dataset", "mnist", "--arch", "cnn", "--data", str(data_root / "mnist"),
+    result = CliRunner().invoke(train_stage.main, ["--dataset", "mnist", "--arch", "cnn", "--data", str(data_root / "mnist"),
                                           "--out", str(out), "--history", str(tmp_path / "h.csv"),
                                           "--params", str(tmp_path / "params.yaml")])
     assert result.exit_code == 1
@@ -137,8 +141,6 @@ def test_bad_params_stop_the_stage_before_work(tmp_path, data_root):
 
 
 def test_corrupt_checkpoint_is_refused(tmp_path):
-    from pipeline.models import load_checkpoint
-
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(PipelineError, match="bad.pt: not a valid checkpoint"):
         load_checkpoint(tmp_path / "bad.pt")

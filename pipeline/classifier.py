@@ -1,0 +1,259 @@
+"""The Python API: classify images with an exported ONNX model through onnxruntime (no torch).
+
+    from pipeline import Classifier
+    clf = Classifier("artifacts/cnn.onnx")
+    clf.predict("digit.png").top.label            # '7 - seven'
+    clf.predict([img1, img2], top_k=3)            # a list in, a list of results out
+
+`infer` and `serve` are thin layers over this module: loading, preprocessing and errors live here only.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.common import first_line
+from pipeline.datasets import IMAGE_SIZE
+from pipeline.images import PREPROCESSORS, ImageError, ImageInput, prepare
+from pipeline.metadata import INPUT_SPEC, MetadataError, ModelInfo
+from pipeline.runtime import DEVICES, ModelError, onnx_session
+
+MAX_MODEL_BYTES = 256 * 2**20  # an .onnx file and its external data together
+
+
+def external_data_locations(proto) -> Iterator[str]:
+    """The `location` of every tensor stored outside the model file, subgraphs and functions included."""
+    from onnx import TensorProto
+
+    def node_tensors(nodes):
+        for node in nodes:
+            for attr in node.attribute:
+                yield from ([attr.t] if attr.HasField("t") else [])
+                yield from attr.tensors
+                for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from graph_tensors(graph)
+
+    def graph_tensors(graph):
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+        yield from node_tensors(graph.node)
+
+    tensors = [*graph_tensors(proto.graph), *(t for f in proto.functions for t in node_tensors(f.node))]
+    for tensor in tensors:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            yield {e.key: e.value for e in tensor.external_data}.get("location", "")
+
+
+def external_data_size(proto, folder: Path) -> int:
+    """Bytes of external data; refuses data outside the model's folder (absolute, `..`, a link leading out)."""
+    folder, total = folder.resolve(), 0
+    for location in set(external_data_locations(proto)):
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
+            raise ModelError(f"refers to external data {location!r} outside its own folder; refused")
+        if not target.is_file():
+            raise ModelError(f"its external data {location!r} is missing or not a regular file")
+        total += target.stat().st_size
+    return total
+
+
+def check_model_file(path: Path):
+    """The parsed ONNX graph of a regular file within MAX_MODEL_BYTES (external data included)."""
+    import onnx
+
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ModelError("no such file") from None
+    except OSError as e:
+        raise ModelError(f"cannot read it ({e.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ModelError("is a directory, not an ONNX file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelError("is not a regular file (a pipe or a device?); give an .onnx file")
+    if st.st_size > MAX_MODEL_BYTES:
+        raise ModelError(f"is larger than {MAX_MODEL_BYTES // 2**20} MB; refused")
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except OSError as e:
+        raise ModelError(f"cannot read it ({e.strerror})") from None
+    except Exception as e:  # noqa: BLE001 - protobuf raises several types for files that are not ONNX
+        raise ModelError(f"not an ONNX model ({first_line(e)})") from None
+    if not proto.graph.node:
+        raise ModelError("not an ONNX model (no graph)")
+    if st.st_size + external_data_size(proto, path.parent) > MAX_MODEL_BYTES:
+        raise ModelError(f"with its external data is larger than {MAX_MODEL_BYTES // 2**20} MB; refused")
+    return proto
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str  # the class name, e.g. '7 - seven' or 'Sneaker'
+    index: int  # the model's output index
+    probability: float
+
+    def to_dict(self) -> dict:
+        return {"class": self.label, "index": self.index, "probability": round(self.probability, 6)}
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one input came to: its predictions (most probable first) or, for a bad input, the error."""
+
+    source: str  # a file name, or '<bytes>', '<file>', '<image>', '<array>', '<stdin>'
+    predictions: tuple[Prediction, ...] = ()
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def top(self) -> Prediction:
+        if self.error is not None:
+            raise ImageError(f"{self.source}: {self.error}")
+        return self.predictions[0]
+
+    def to_dict(self) -> dict:
+        if self.error is not None:
+            return {"file": self.source, "error": self.error}
+        return {"file": self.source, "predictions": [p.to_dict() for p in self.predictions]}
+
+
+def describe(source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fsdecode(source)
+    for kind, name in ((bytes, "<bytes>"), (bytearray, "<bytes>"), (memoryview, "<bytes>"), (np.ndarray, "<array>")):
+        if isinstance(source, kind):
+            return name
+    if hasattr(source, "read"):
+        return str(getattr(source, "name", "<file>"))
+    return "<image>" if type(source).__module__.startswith("PIL.") else f"<{type(source).__name__}>"
+
+
+class Classifier:
+    """One exported model and its onnxruntime session, shared by every call (thread-safe: onnxruntime's
+    `run` may be called from several threads at once)."""
+
+    def __init__(self, model: str | os.PathLike, device: str = "cpu", assume: str | None = None):
+        """`assume` ('digit' or 'fashion'): for a model without this project's metadata, that preprocessing,
+        pixels in [0, 1] without standardisation, and the output indices as class names."""
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)} (got {device!r})")
+        if assume is not None and assume not in PREPROCESSORS:
+            raise ValueError(f"assume must be one of {', '.join(PREPROCESSORS)} (got {assume!r})")
+        self.path = Path(model)
+        self.name = self.path.stem
+        check_model_file(self.path)
+        self.session = onnx_session(self.path, device)
+        inputs = self.session.get_inputs()
+        shape = list(inputs[0].shape) if len(inputs) == 1 else []
+        if len(shape) != 4 or shape[1:] != [1, IMAGE_SIZE, IMAGE_SIZE] or inputs[0].type != "tensor(float)":
+            found = ", ".join(f"{i.type} {i.shape}" for i in inputs)
+            raise ModelError(f"takes {found}; expected one float tensor (batch, 1, {IMAGE_SIZE}, {IMAGE_SIZE})")
+        self.input_name = inputs[0].name
+        self.fixed_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+        try:
+            self.info = ModelInfo.from_metadata(self.session.get_modelmeta().custom_metadata_map)
+        except MetadataError as e:
+            if assume is None:
+                raise ModelError(f"{e}; for a model without this project's metadata, assume 'digit' or "
+                                 "'fashion' preprocessing (infer --assume)") from None
+            self.info = self._assumed(assume)
+        if self.info.preprocess not in PREPROCESSORS:
+            raise ModelError(f"model metadata names unknown preprocessing {self.info.preprocess!r}")
+        if self.info.output not in {o.name for o in self.session.get_outputs()}:
+            raise ModelError(f"has no output {self.info.output!r}, which its metadata names")
+
+    def _assumed(self, preprocess: str) -> ModelInfo:
+        output = self.session.get_outputs()[0].name
+        zeros = np.zeros((self.fixed_batch or 1, 1, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+        classes = self._run(zeros, output).shape[-1]
+        return ModelInfo("unknown", "unknown", [str(i) for i in range(classes)], 0.0, 1.0, preprocess,
+                         input=dict(INPUT_SPEC), output=output)
+
+    def __repr__(self) -> str:
+        return f"Classifier({str(self.path)!r}: {self.info.architecture} on {self.info.dataset})"
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.info.class_names)
+
+    def _run(self, x: np.ndarray, output: str) -> np.ndarray:
+        try:
+            return self.session.run([output], {self.input_name: x})[0]
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
+            raise ModelError(f"onnxruntime failed running it ({first_line(e)})") from None
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """Softmax (N, classes) for images (N, 28, 28) in [0, 1], light on dark, as `prepare` gives them."""
+        x = ((x - self.info.mean) / self.info.std).astype(np.float32)[:, None]  # (N, 1, 28, 28)
+        step = self.fixed_batch or len(x)
+        out = []
+        for i in range(0, len(x), step):
+            chunk = x[i:i + step]
+            padded = np.concatenate([chunk, np.zeros((step - len(chunk), *chunk.shape[1:]), np.float32)])
+            out.append(np.asarray(self._run(padded, self.info.output))[:len(chunk)])
+        z = np.concatenate(out).astype(np.float64)
+        if z.ndim != 2 or z.shape[1] != len(self.info.class_names):
+            raise ModelError(f"outputs shape {list(z.shape)}; its metadata names {len(self.info.class_names)} "
+                             "classes, so (batch, classes) was expected")
+        with np.errstate(all="ignore"):
+            z = np.exp(z - z.max(1, keepdims=True))
+            return z / z.sum(1, keepdims=True)
+
+    def _results(self, sources: Sequence, names: Sequence[str], top_k: int, raw: bool) -> list[Result]:
+        preprocess = None if raw else self.info.preprocess
+        arrays, errors = [], {}
+        for i, source in enumerate(sources):
+            try:
+                arrays.append(prepare(source, preprocess))
+            except ImageError as e:
+                errors[i] = str(e)
+            except Exception as e:  # noqa: BLE001 - one odd input must not stop the others
+                errors[i] = f"cannot be read as an image ({type(e).__name__}: {first_line(e)})"
+        probs = iter(self.probabilities(np.stack(arrays)) if arrays else [])
+        results = []
+        for i, name in enumerate(names):
+            if i in errors:
+                results.append(Result(name, error=errors[i]))
+                continue
+            p = next(probs)
+            if not np.isfinite(p).all():
+                results.append(Result(name, error="the model's output is not finite (NaN or infinity)"))
+                continue
+            best = np.argsort(-p, kind="stable")[:top_k]
+            results.append(Result(name, tuple(Prediction(self.info.class_names[j], int(j), float(p[j])) for j in best)))
+        return results
+
+    def classify(self, images: Iterable[ImageInput], top_k: int = 1, raw: bool = False, batch_size: int = 64,
+                 names: Iterable[str] | None = None) -> Iterator[Result]:
+        """A Result per input, in order, `batch_size` inputs per onnxruntime call; a bad input gets its
+        error in its Result and the others go on. `raw`: inputs already 28x28 light on dark (MNIST form),
+        only converted to grey. Raises ModelError if the model itself fails."""
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer (got {top_k!r})")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer (got {batch_size!r})")
+        images = list(images)
+        names = [describe(s) for s in images] if names is None else list(names)
+        for start in range(0, len(images), batch_size):
+            yield from self._results(images[start:start + batch_size], names[start:start + batch_size],
+                                     top_k, raw)
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], top_k: int = 1, raw: bool = False):
+        """One input -> its Result; a list -> a list of Results (batched). Raises ImageError for a bad input
+        (naming it), ModelError if the model fails."""
+        many = isinstance(images, (list, tuple))
+        results = list(self.classify(images if many else [images], top_k, raw))
+        for r in results:
+            if r.error is not None:
+                raise ImageError(f"{r.source}: {r.error}")
+        return results if many else results[0]

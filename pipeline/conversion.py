@@ -1,0 +1,127 @@
+"""Conversion of a trained model to TorchScript and ONNX, and the parity check of both against PyTorch."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from pipeline.common import PipelineError
+from pipeline.datasets import IMAGE_SIZE
+from pipeline.metadata import INPUT_NAME, INPUT_SPEC, OUTPUT_NAME, ModelInfo
+from pipeline.runtime import onnx_session
+
+OPSET = 20
+TOLERANCE = 1e-4  # largest absolute logit difference allowed between PyTorch and an export
+METADATA_FILE = "metadata.json"  # the ModelInfo inside a TorchScript archive (_extra_files)
+
+
+@contextlib.contextmanager
+def torchscript_deprecation_expected():
+    """TorchScript is deprecated upstream and torch.jit.script/save/load warn on every call. Users still
+    ask for the format, so that one warning is expected and silenced here, and only here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        yield
+
+
+def to_torchscript(model: nn.Module) -> torch.jit.ScriptModule:
+    with torchscript_deprecation_expected():
+        return torch.jit.script(model)
+
+
+def torchscript_bytes(scripted: torch.jit.ScriptModule, info: ModelInfo) -> bytes:
+    buf = io.BytesIO()
+    extra = {METADATA_FILE: json.dumps(info.to_metadata(), sort_keys=True)}
+    with torchscript_deprecation_expected():
+        torch.jit.save(scripted, buf, _extra_files=extra)
+    return buf.getvalue()
+
+
+def to_onnx(model: nn.Module, info: ModelInfo) -> onnx.ModelProto:
+    """A self-contained ONNX model with a dynamic batch dimension and the card in metadata_props."""
+    example = torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE)
+    logging.getLogger("torch.onnx").setLevel(logging.WARNING)
+    program = torch.onnx.export(
+        model, (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, external_data=False, verbose=False,
+    )
+    proto = program.model_proto
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    del proto.metadata_props[:]
+    for key, value in info.to_metadata().items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.doc_string = f"{info.architecture} trained on {info.dataset}; outputs logits over {len(info.class_names)} classes"
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def run_batched(fn, x: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.concatenate([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def compare(reference: np.ndarray, other: np.ndarray) -> dict:
+    return {
+        "max_abs_diff": float(np.abs(reference - other).max()),
+        "argmax_mismatches": int((reference.argmax(1) != other.argmax(1)).sum()),
+    }
+
+
+def parity(model: nn.Module, scripted: torch.jit.ScriptModule, session,
+           x: np.ndarray, batch_size: int) -> dict:
+    """Largest logit difference and differing predictions of ONNX and TorchScript against eager PyTorch."""
+    with torch.inference_mode():
+        eager = run_batched(lambda b: model(torch.from_numpy(b)).numpy(), x, batch_size)
+        script = run_batched(lambda b: scripted(torch.from_numpy(b)).numpy(), x, batch_size)
+    onnx_out = run_batched(lambda b: session.run([OUTPUT_NAME], {INPUT_NAME: b})[0], x, batch_size)
+    return {"images": len(x), "onnx": compare(eager, onnx_out), "torchscript": compare(eager, script)}
+
+
+def check_parity(report: dict, tolerance: float = TOLERANCE) -> None:
+    for fmt in ("onnx", "torchscript"):
+        r = report[fmt]
+        if r["max_abs_diff"] > tolerance or r["argmax_mismatches"]:
+            raise PipelineError(f"{fmt} export disagrees with PyTorch: max |diff| {r['max_abs_diff']:.3g} "
+                                f"(limit {tolerance:g}), {r['argmax_mismatches']} predictions differ; nothing written")
+
+
+def export(model: nn.Module, info: ModelInfo, x: np.ndarray, batch_size: int) -> tuple[bytes, bytes, dict]:
+    """(TorchScript bytes, ONNX bytes, parity report); raises PipelineError when parity fails."""
+    model = model.eval().to(memory_format=torch.contiguous_format)
+    scripted = to_torchscript(model)
+    ts_bytes = torchscript_bytes(scripted, info)
+    onnx_bytes = to_onnx(model, info).SerializeToString()
+    report = parity(model, scripted, onnx_session(onnx_bytes), x, batch_size)
+    check_parity(report)
+    return ts_bytes, onnx_bytes, report
+
+
+def export_id(checkpoint: str | os.PathLike) -> str:
+    """The id both exports of one checkpoint carry (and its parity report): the checkpoint's SHA-256, shortened."""
+    return hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:16]
+
+
+def model_info(ckpt: dict, test_accuracy: float, export: str) -> ModelInfo:
+    """The metadata of an export of `ckpt`, a checkpoint written by the train stage."""
+    return ModelInfo(
+        dataset=ckpt["dataset"],
+        architecture=ckpt["arch"],
+        class_names=list(ckpt["class_names"]),
+        mean=float(ckpt["normalization"]["mean"]),
+        std=float(ckpt["normalization"]["std"]),
+        preprocess=ckpt["preprocess"],
+        test_accuracy=float(test_accuracy),
+        params=ckpt["params"] | {"model_args": ckpt["model_args"]},
+        input=dict(INPUT_SPEC),
+        export_id=export,
+    )

@@ -1,0 +1,112 @@
+"""What an exported model says about itself: metadata written by the export stage, read by the Classifier.
+
+Every value is JSON (parsed with json.loads, never evaluated) and checked for its type: a model whose
+metadata is malformed is refused, not coerced. No torch here, so the inference path stays light.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from pipeline.datasets import IMAGE_SIZE
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+MIN_STD = 1e-6
+# The tensor every exported model takes: float32 (batch, 1, 28, 28), pixels scaled to [0, 1]
+# with light strokes on a dark background (as in MNIST), then standardised with mean/std.
+INPUT_SPEC = {
+    "shape": ["batch", 1, IMAGE_SIZE, IMAGE_SIZE],
+    "dtype": "float32",
+    "value_range": [0.0, 1.0],
+    "polarity": "light-on-dark",
+    "then": "(x - mean) / std",
+}
+REQUIRED = ("dataset", "architecture", "class_names", "normalization", "preprocess")
+
+
+class MetadataError(ValueError):
+    """A model file whose metadata is missing or not what this project writes."""
+
+
+def _number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise MetadataError(f"model metadata: {what} must be a finite number (got {value!r})")
+    return float(value)
+
+
+def _string(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise MetadataError(f"model metadata: {what} must be a string (got {value!r})")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The facts an exported model carries: data set, architecture, classes, normalisation, preprocessing."""
+
+    dataset: str
+    architecture: str
+    class_names: list[str]
+    mean: float
+    std: float
+    preprocess: str  # one of datasets.PREPROCESSING
+    test_accuracy: float | None = None
+    params: dict = field(default_factory=dict)
+    input: dict = field(default_factory=lambda: dict(INPUT_SPEC))
+    output: str = OUTPUT_NAME
+    export_id: str = ""  # the same in an export's ONNX and TorchScript files and its parity report
+
+    def to_metadata(self) -> dict[str, str]:
+        """String -> JSON string, as ONNX metadata_props and TorchScript _extra_files hold them."""
+        return {
+            "dataset": json.dumps(self.dataset),
+            "architecture": json.dumps(self.architecture),
+            "class_names": json.dumps(self.class_names),
+            "normalization": json.dumps({"mean": self.mean, "std": self.std}),
+            "input": json.dumps(self.input),
+            "output": json.dumps(self.output),
+            "preprocess": json.dumps(self.preprocess),
+            "test_accuracy": json.dumps(self.test_accuracy),
+            "params": json.dumps(self.params, sort_keys=True),
+            "export_id": json.dumps(self.export_id),
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> ModelInfo:
+        missing = [k for k in REQUIRED if k not in meta]
+        if missing:
+            raise MetadataError(f"model metadata lacks {', '.join(missing)} (not exported by this project?)")
+        try:
+            values = {k: json.loads(v, parse_constant=lambda c: c) for k, v in meta.items()}
+        except (TypeError, ValueError) as e:
+            raise MetadataError(f"model metadata is not JSON ({e})") from None
+        names, norm = values["class_names"], values["normalization"]
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise MetadataError(f"model metadata: class_names must be a non-empty list of strings (got {names!r})")
+        if not isinstance(norm, dict):
+            raise MetadataError(f"model metadata: normalization must be {{\"mean\": ..., \"std\": ...}} (got {norm!r})")
+        mean, std = _number(norm.get("mean"), "normalization.mean"), _number(norm.get("std"), "normalization.std")
+        if std <= MIN_STD:
+            raise MetadataError(f"model metadata: normalization.std must be above {MIN_STD:g} (got {std!r})")
+        accuracy = values.get("test_accuracy")
+        params, spec = values.get("params", {}), values.get("input", INPUT_SPEC)
+        if not isinstance(params, dict) or not isinstance(spec, dict):
+            raise MetadataError("model metadata: params and input must be JSON objects")
+        return cls(
+            dataset=_string(values["dataset"], "dataset"),
+            architecture=_string(values["architecture"], "architecture"),
+            class_names=names,
+            mean=mean,
+            std=std,
+            preprocess=_string(values["preprocess"], "preprocess"),
+            test_accuracy=None if accuracy is None else _number(accuracy, "test_accuracy"),
+            params=params,
+            input=spec,
+            output=_string(values.get("output", OUTPUT_NAME), "output"),
+            export_id=_string(values.get("export_id", ""), "export_id"),
+        )
