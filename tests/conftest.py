@@ -75,3 +75,22 @@ def exported(tmp_path_factory, data_root, params):
         return cache[dataset, arch]
 
     return get
+
+
+def site_packages_mb(env_dir: Path) -> float:
+    (site,) = (env_dir / "lib").glob("python3*/site-packages")
+    return sum(f.stat().st_size for f in site.rglob("*") if f.is_file()) / 2**20
+
+
+@pytest.fixture(scope="session")
+def light_venv(tmp_path_factory) -> Path:
+    """A fresh venv with only `pip install .` from this checkout (built as a wheel, not editable)."""
+    import subprocess
+    import venv
+
+    env_dir = tmp_path_factory.mktemp("light") / "venv"
+    venv.create(env_dir, with_pip=True)
+    result = subprocess.run([env_dir / "bin" / "pip", "install", "-q", str(ROOT)], cwd=tmp_path_factory.mktemp("build"),
+                            capture_output=True, text=True, env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return env_dir

@@ -99,6 +99,7 @@ def test_not_gzip_and_missing_file_are_reported(tmp_path, monkeypatch, offline_h
         data.fetch_file("fashion-mnist", "train-labels-idx1-ubyte")
 
 
+@pytest.mark.slow
 def test_recompressed_mirror_accepted_over_url(tmp_path, monkeypatch, mirror):
     """Any gzip of the right content passes, and the mirror may be a URL (file:// here)."""
     real = {n: gzip.decompress((mirror / "mnist" / f"{n}.gz").read_bytes()) for n in datasets.DATASETS["mnist"].sha256}

@@ -94,6 +94,7 @@ def test_metadata_round_trips_through_onnxruntime(exported):
     assert ts_card == card
 
 
+@pytest.mark.slow
 def test_torchscript_runs_without_the_project(exported, tmp_path):
     _, ts_path, _ = exported("mnist", "cnn")
     script = f"""

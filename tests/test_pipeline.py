@@ -15,7 +15,7 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
-PROJECT_FILES = ["pipeline", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore"]
+PROJECT_FILES = ["pipeline", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
 
 
 def dvc(*args, cwd, env) -> subprocess.CompletedProcess:
@@ -62,7 +62,7 @@ def test_repro_trains_evaluates_and_exports_every_model(quick_project):
             parity = json.loads((root / "reports" / dataset / arch / "parity.json").read_text())
             assert parity["images"] == 10000 and parity["onnx"]["argmax_mismatches"] == 0
     assert sorted(p.name for p in (root / "artifacts").iterdir() if not p.name.startswith(".")) == sorted(
-        [f"{prefix}{arch}.{ext}" for prefix in ("", "fashion-") for arch in archs for ext in ("onnx", "pt")]
+        [f"{prefix}{arch}.{ext}" for prefix in ("", "fashion-") for arch in archs for ext in ("onnx", "pt", "md")]
         + ["summary.md"])
     summary = (root / "artifacts" / "summary.md").read_text()
     assert summary.count("| mnist |") == len(archs) and summary.count("| fashion-mnist |") == len(archs)
@@ -95,3 +95,69 @@ def test_second_repro_is_a_no_op(quick_project):
     root, env, _ = quick_project
     result = dvc("repro", cwd=root, env=env)
     assert result.returncode == 0 and "Running stage" not in result.stdout
+
+
+def git(*args, cwd, env):
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def pushed(quick_project, tmp_path_factory):
+    """The quick run committed (dvc.lock included) and pushed, with its run cache, to a local-folder remote."""
+    root, env, _ = quick_project
+    remote = tmp_path_factory.mktemp("remote")
+    assert dvc("remote", "add", "-d", "team", str(remote), cwd=root, env=env).returncode == 0
+    git("add", "-A", cwd=root, env=env)
+    git("commit", "-q", "-m", "quick run", cwd=root, env=env)
+    git("tag", "-a", "cnn@v1.0.0", "-m", "Registering artifact cnn version 1.0.0", cwd=root, env=env)
+    result = dvc("push", "--run-cache", cwd=root, env=env)
+    assert result.returncode == 0, result.stderr
+    return root, env
+
+
+def test_a_user_pulls_one_model_and_classifies_with_the_light_install(pushed, light_venv, tmp_path, data_root):
+    from PIL import Image
+
+    from pipeline.datasets import load_split
+
+    root, env = pushed
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(root), str(clone), cwd=tmp_path, env=env)
+    result = dvc("pull", "artifacts/cnn.onnx", cwd=clone, env=env)
+    assert result.returncode == 0, result.stderr
+    assert (clone / "artifacts" / "cnn.onnx").read_bytes() == (root / "artifacts" / "cnn.onnx").read_bytes()
+    assert not (clone / "models" / "mnist" / "cnn.pt").exists()  # one model, nothing else
+    image = load_split(data_root / "mnist", "test")[0][0]
+    Image.fromarray(255 - image).resize((100, 100)).save(tmp_path / "digit.png")
+    infer = subprocess.run([light_venv / "bin" / "infer", tmp_path / "digit.png", "--model", clone / "artifacts" / "cnn.onnx"],
+                           capture_output=True, text=True)
+    assert infer.returncode == 0 and infer.stdout.startswith(f"{tmp_path / 'digit.png'}: "), infer.stderr
+
+
+def test_artifacts_get_finds_a_registered_version(pushed, tmp_path):
+    root, env = pushed
+    result = dvc("artifacts", "get", str(root), "cnn", "--rev", "v1.0.0", "-o", str(tmp_path / "cnn.onnx"),
+                 cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "cnn.onnx").read_bytes() == (root / "artifacts" / "cnn.onnx").read_bytes()
+
+
+def test_pulled_run_cache_means_no_training_and_no_export(pushed, tmp_path):
+    root, env = pushed
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(root), str(clone), cwd=tmp_path, env=env)
+    fetched = dvc("pull", "--run-cache", cwd=clone, env=env)
+    assert fetched.returncode == 0, fetched.stderr
+    result = dvc("repro", cwd=clone, env=env)
+    assert result.returncode == 0, result.stderr
+    ran = [line for line in result.stdout.splitlines() if line.startswith("Running stage")]
+    assert not [line for line in ran if "'train@" in line or "'export@" in line], ran
+
+
+def test_a_missing_remote_is_dvcs_own_error(pushed, tmp_path):
+    root, env = pushed
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(root), str(clone), cwd=tmp_path, env=env)
+    assert dvc("remote", "modify", "team", "url", str(tmp_path / "gone"), cwd=clone, env=env).returncode == 0
+    result = dvc("pull", "artifacts/cnn.onnx", cwd=clone, env=env)
+    assert result.returncode != 0 and "ERROR" in result.stderr and not (clone / "artifacts" / "cnn.onnx").exists()

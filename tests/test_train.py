@@ -28,6 +28,7 @@ def test_random_hflip_flips_only_masked_images():
     assert torch.equal(out[0], x[0].flip(-1)) and torch.equal(out[1], x[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["mlp", "cnn", "simple_cnn"])
 def test_fast_loop_matches_reference_loop(arch, params, data_root):
     """Same model, same permutation: the tensor loop and the reference DataLoader loop take the same steps."""
@@ -65,6 +66,7 @@ def test_amp_choice(monkeypatch):
     assert amp_dtype("auto", cpu) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", list_models())
 def test_bf16_autocast_trains_like_fp32(arch, params, data_root):
     """Under bf16 autocast the forward pass is bf16, the weights stay float32 and learn the same steps."""
@@ -97,6 +99,7 @@ def test_same_seed_same_metrics(params, data_root):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", list_models())
 def test_checkpoint_rebuilds_the_model(arch, params, data_root, tmp_path):
     ckpt = tr.train(quick_params(params, train_limit=500), "mnist", arch, data_root / "mnist", log=lambda m: None)
