@@ -371,6 +371,29 @@ def test_console_script_runs_without_torch(tmp_path, mnist, digits):
     assert bad.returncode == 2 and bad.stderr == f"Error: {tmp_path / 'none.onnx'}: no such file\n"
 
 
+def test_dash_reads_one_image_from_standard_input(tmp_path, mnist, digits):
+    image = drawn(digits[0], tmp_path / "d.png")
+    piped = subprocess.run([INFER, "-", "--model", str(mnist[0]), "--format", "json"], input=image.read_bytes(),
+                           capture_output=True)
+    assert piped.returncode == 0, piped.stderr
+    [record] = json.loads(piped.stdout)
+    [from_file] = json.loads(run(image, "--model", mnist[0], "--format", "json").stdout)
+    assert record == from_file | {"file": "<stdin>"}
+    empty = subprocess.run([INFER, "-", "--model", str(mnist[0])], input="", capture_output=True, text=True)
+    assert empty.returncode == 1 and empty.stderr == "Error: <stdin>: empty file\n"
+    twice = run("-", "-", "--model", mnist[0])
+    assert twice.exit_code == 2 and "can be given once only" in twice.stderr
+
+
+def test_version_and_short_help():
+    from importlib.metadata import version
+
+    assert run("--version").stdout == f"infer, version {version('digitlens')}\n"
+    short, long = run("-h"), run("--help")
+    assert short.exit_code == long.exit_code == 0 and short.stdout == long.stdout
+    assert "Usage: main [OPTIONS] IMAGES..." in short.stdout and "Exit status: 0 all classified" in short.stdout
+
+
 def stderr_on_terminal(cmd) -> tuple[subprocess.CompletedProcess, str]:
     """Run with stderr on a pseudo-terminal; (result with stdout, what the terminal received)."""
     leader, follower = pty.openpty()

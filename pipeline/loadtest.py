@@ -1,0 +1,208 @@
+"""A load benchmark of `serve`: start it on a free port, post single-image PNGs from concurrent clients, report."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import click
+import numpy as np
+
+START_TIMEOUT = 120  # seconds for the server to load its models and answer /readyz
+WARMUP = 50  # requests sent before the measurement (and the first memory reading)
+SIDE = 280  # the page's canvas
+# What `cnn` should reach on a quiet 2-core machine (docs/serve.md)
+TARGET_RATE, TARGET_P99_MS, TARGET_GROWTH_MB = 300, 100, 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str, timeout: float = 5) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@contextlib.contextmanager
+def running_server(models: Sequence[str | os.PathLike], args: Sequence[str] = (),
+                   log: str | os.PathLike | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """(base URL, process) of `serve` started on a free 127.0.0.1 port and answering /readyz; stopped on exit,
+    its workers with it. Its output goes to `log` (default: discarded)."""
+    port = free_port()
+    command = [sys.executable, "-m", "pipeline.serve", "--port", str(port), *args]
+    for m in models:
+        command += ["--model", str(m)]
+    url = f"http://127.0.0.1:{port}"
+    with open(log or os.devnull, "wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"serve exited with status {proc.returncode} before it was ready"
+                                   + (f"; see {log}" if log else ""))
+            with contextlib.suppress(OSError):
+                if get(f"{url}/readyz", timeout=1)[0] == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"serve was not ready after {START_TIMEOUT} s")
+            time.sleep(0.1)
+        yield url, proc
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (uvicorn shuts its workers down), then SIGKILL to the process group if it lingers."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
+    proc.wait()
+
+
+def process_tree(pid: int) -> list[int]:
+    pids = [pid]
+    for p in pids:
+        for children in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                pids += [int(c) for c in children.read_text().split()]
+    return pids
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (the workers), in MB, from /proc."""
+    total = 0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])  # kB
+    return total / 1024
+
+
+def digit_pngs() -> list[bytes]:
+    """The ten digits drawn white on black on a 280x280 canvas, as the page sends them."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=200)
+    out = []
+    for d in range(10):
+        img = Image.new("L", (SIDE, SIDE), 0)
+        ImageDraw.Draw(img).text((SIDE / 2, SIDE / 2), str(d), fill=255, font=font, anchor="mm")
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+async def load(url: str, pngs: list[bytes], requests: int, concurrency: int, max_seconds: float) -> dict:
+    """Send `requests` single-image posts (at most `max_seconds`) from `concurrency` clients; latencies in ms.
+    aiohttp, not httpx: it costs the client a third of the CPU per request, which the server shares here."""
+    import aiohttp
+
+    latencies, errors, sent = [], [], 0
+    deadline = time.perf_counter() + max_seconds
+
+    async def client(session):
+        nonlocal sent
+        while sent < requests and time.perf_counter() < deadline:
+            form = aiohttp.FormData()
+            form.add_field("files", pngs[sent % len(pngs)], filename="digit.png", content_type="image/png")
+            sent += 1
+            start = time.perf_counter()
+            try:
+                async with session.post(url, data=form) as r:
+                    body = await r.read()
+            except (TimeoutError, aiohttp.ClientError) as e:
+                errors.append(f"{type(e).__name__}: {e}")
+                continue
+            if r.status != 200:
+                errors.append(f"status {r.status}: {body[:200].decode('utf-8', 'replace')}")
+                continue
+            latencies.append(1000 * (time.perf_counter() - start))
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
+        start, cpu = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"latencies": latencies, "errors": errors, "seconds": seconds, "client_cpu": cpu}
+
+
+def report(run: dict, rss_before: float, rss_after: float) -> str:
+    lat = np.array(run["latencies"] or [float("nan")])
+    p50, p95, p99 = np.percentile(lat, [50, 95, 99])
+    lines = [
+        f"requests   {len(run['latencies']) + len(run['errors'])} in {run['seconds']:.1f} s: "
+        f"{len(run['latencies']) / run['seconds']:.0f} requests/s answered 200",
+        f"latency    p50 {p50:.1f} ms  p95 {p95:.1f} ms  p99 {p99:.1f} ms  max {lat.max():.1f} ms",
+        f"client     {1000 * run['client_cpu'] / max(1, len(run['latencies'])):.2f} ms CPU per request (this "
+        "machine's CPUs also ran the client)",
+        f"errors     {len(run['errors'])}" + (f" (first: {run['errors'][0]})" if run["errors"] else ""),
+        f"server RSS {rss_before:.0f} MB before, {rss_after:.0f} MB after ({rss_after - rss_before:+.0f} MB)",
+    ]
+    rate = len(run["latencies"]) / run["seconds"]
+    met = rate >= TARGET_RATE and p99 < TARGET_P99_MS and not run["errors"] and rss_after - rss_before < TARGET_GROWTH_MB
+    lines.append(f"targets    >= {TARGET_RATE} requests/s, p99 < {TARGET_P99_MS} ms, 0 errors, memory growth < "
+                 f"{TARGET_GROWTH_MB} MB (cnn, a quiet 2-core machine): {'met' if met else 'NOT met'}")
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]},
+               help="Benchmark `serve`: start it on a free 127.0.0.1 port, post single-image PNG requests (digits "
+                    "white on black on a 280x280 canvas, like the page's) from concurrent clients, and print requests/s, latency "
+                    "percentiles, errors and the server's memory before and after.")
+@click.option("--model", "models", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="An exported .onnx file; the first one is the one posted to.")
+@click.option("--requests", default=5000, show_default=True, type=click.IntRange(min=1))
+@click.option("--concurrency", default=8, show_default=True, type=click.IntRange(min=1), help="Clients at once.")
+@click.option("--max-seconds", default=120.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Stop sending after this long, however many requests were sent.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="serve --workers.")
+def main(models, requests, concurrency, max_seconds, workers) -> None:
+    for module, extra in (("aiohttp", "test"), ("uvicorn", "serve"), ("fastapi", "serve")):
+        if importlib.util.find_spec(module) is None:
+            raise click.ClickException(f"the load test needs {module}: pip install '.[{extra}]'")
+    pngs = digit_pngs()
+    name = Path(models[0]).stem
+    with tempfile.NamedTemporaryFile(prefix="serve-", suffix=".log", delete=False) as f:
+        log = f.name
+    try:
+        with running_server(models, ["--workers", str(workers)], log=log) as (url, proc):
+            predict = f"{url}/v1/models/{name}/predict"
+            asyncio.run(load(predict, pngs, WARMUP, concurrency, max_seconds))
+            before = rss_mb(proc.pid)
+            run = asyncio.run(load(predict, pngs, requests, concurrency, max_seconds))
+            after = rss_mb(proc.pid)
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"serve {name}, {workers} worker(s), {concurrency} concurrent clients, {os.cpu_count()} CPUs "
+               f"(server log: {log})")
+    click.echo(report(run, before, after))
+    sys.exit(1 if run["errors"] else 0)
+
+
+if __name__ == "__main__":
+    main()
