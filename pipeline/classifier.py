@@ -18,13 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.common import first_line
+from pipeline.common import first_line, shown
 from pipeline.datasets import IMAGE_SIZE
 from pipeline.images import PREPROCESSORS, ImageError, ImageInput, prepare
 from pipeline.metadata import INPUT_SPEC, MetadataError, ModelInfo
 from pipeline.runtime import DEVICES, ModelError, onnx_session
 
 MAX_MODEL_BYTES = 256 * 2**20  # an .onnx file and its external data together
+LOGITS_TYPES = ("tensor(float)", "tensor(double)", "tensor(float16)")
 
 
 def external_data_locations(proto) -> Iterator[str]:
@@ -122,9 +123,10 @@ class Result:
         return self.predictions[0]
 
     def to_dict(self) -> dict:
+        """The JSON record; a file name's bytes that are not UTF-8 appear escaped, e.g. '\\xff'."""
         if self.error is not None:
-            return {"file": self.source, "error": self.error}
-        return {"file": self.source, "predictions": [p.to_dict() for p in self.predictions]}
+            return {"file": shown(self.source), "error": self.error}
+        return {"file": shown(self.source), "predictions": [p.to_dict() for p in self.predictions]}
 
 
 def describe(source: Any) -> str:
@@ -159,6 +161,7 @@ class Classifier:
             found = ", ".join(f"{i.type} {i.shape}" for i in inputs)
             raise ModelError(f"takes {found}; expected one float tensor (batch, 1, {IMAGE_SIZE}, {IMAGE_SIZE})")
         self.input_name = inputs[0].name
+        self.outputs = {o.name: o.type for o in self.session.get_outputs()}
         self.fixed_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
         try:
             self.info = ModelInfo.from_metadata(self.session.get_modelmeta().custom_metadata_map)
@@ -169,13 +172,22 @@ class Classifier:
             self.info = self._assumed(assume)
         if self.info.preprocess not in PREPROCESSORS:
             raise ModelError(f"model metadata names unknown preprocessing {self.info.preprocess!r}")
-        if self.info.output not in {o.name for o in self.session.get_outputs()}:
-            raise ModelError(f"has no output {self.info.output!r}, which its metadata names")
+        self._check_output(self.info.output)
+
+    def _check_output(self, name: str) -> None:
+        if name not in self.outputs:
+            raise ModelError(f"has no output {name!r}, which its metadata names")
+        if self.outputs[name] not in LOGITS_TYPES:
+            raise ModelError(f"its output {name!r} is {self.outputs[name]}; expected a float tensor (batch, classes)")
 
     def _assumed(self, preprocess: str) -> ModelInfo:
-        output = self.session.get_outputs()[0].name
+        output = next(iter(self.outputs))
+        self._check_output(output)
         zeros = np.zeros((self.fixed_batch or 1, 1, IMAGE_SIZE, IMAGE_SIZE), np.float32)
-        classes = self._run(zeros, output).shape[-1]
+        z = self._run(zeros, output)
+        if z.ndim != 2:
+            raise ModelError(f"outputs shape {list(z.shape)}; expected (batch, classes)")
+        classes = z.shape[1]
         return ModelInfo("unknown", "unknown", [str(i) for i in range(classes)], 0.0, 1.0, preprocess,
                          input=dict(INPUT_SPEC), output=output)
 
@@ -205,6 +217,7 @@ class Classifier:
         if z.ndim != 2 or z.shape[1] != len(self.info.class_names):
             raise ModelError(f"outputs shape {list(z.shape)}; its metadata names {len(self.info.class_names)} "
                              "classes, so (batch, classes) was expected")
+        z[~np.isfinite(z).all(1)] = np.nan  # a single -inf logit would still give finite probabilities
         with np.errstate(all="ignore"):
             z = np.exp(z - z.max(1, keepdims=True))
             return z / z.sum(1, keepdims=True)

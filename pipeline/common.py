@@ -12,6 +12,9 @@ from typing import Any
 
 import click
 
+# Characters that would end or rewrite a line of output (C0 controls, DEL, Unicode line breaks), as escapes
+LINE_BREAKING = {c: repr(chr(c))[1:-1] for c in [*range(32), 0x7F, 0x85, 0x2028, 0x2029]}
+
 
 class PipelineError(Exception):
     """An expected failure (bad params, bad data, bad file) reported as one line, no traceback."""
@@ -20,6 +23,28 @@ class PipelineError(Exception):
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message, or its type's name when it has none."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def shown(name: str | bytes | os.PathLike) -> str:
+    """A file name as valid UTF-8 text: bytes that are not UTF-8 appear escaped, e.g. '\\xff'."""
+    name = os.fsdecode(name)
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no file name decodes to
+        raw = name.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def one_line(text: str) -> str:
+    """`text` with every character that would break or rewrite its line escaped, e.g. '\\n', '\\x1b'."""
+    return text.translate(LINE_BREAKING)
+
+
+def umask() -> int:
+    """The process's umask (reading it means setting it, briefly to the strictest common value)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -32,6 +57,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp made it 0600; the file gets the mode any other would
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -3,20 +3,32 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import time
 import urllib.request
 import zlib
 from pathlib import Path
 
 import click
 
-from pipeline.common import PipelineError, stage_command
-from pipeline.datasets import DATASETS, dataset_info
+from pipeline.common import PipelineError, stage_command, umask
+from pipeline.datasets import DATASETS, IMAGE_SIZE, SPLIT_SIZES, SPLITS, dataset_info
 
 MIRROR_ENV = "DATASET_MIRROR"
+TIMEOUT_ENV = "DATASET_TIMEOUT"
+DEFAULT_TIMEOUT = 300  # seconds for one file from one source, however slowly its bytes arrive
+READ_TIMEOUT = 60  # seconds one read may wait
+CHUNK = 2**20
+GZIP_OVERHEAD = 2**20  # a .gz is never much larger than its content: stored blocks add 5 bytes per 64 KB
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT, raised where the stage is, so that its clean-ups run (no `except Exception` takes it)."""
 
 
 def mirror_source(mirror: str, dataset: str) -> str:
@@ -39,32 +51,94 @@ def sources(dataset: str) -> list[str]:
     return ([mirror_source(mirror, dataset)] if mirror else []) + dataset_info(dataset).urls
 
 
-def read_source(source: str, filename: str, timeout: float = 60) -> bytes:
-    if "://" not in source:
-        return (Path(source) / filename).read_bytes()
-    with urllib.request.urlopen(source + filename, timeout=timeout) as response:
-        return response.read()
-
-
-def verified_content(raw: bytes, name: str, expected_sha256: str) -> bytes:
-    """Decompress a downloaded .gz and check the SHA-256 of its content."""
+def download_timeout() -> float:
+    """$DATASET_TIMEOUT: seconds one file may take from one source (DEFAULT_TIMEOUT when unset)."""
+    value = os.environ.get(TIMEOUT_ENV) or str(DEFAULT_TIMEOUT)
     try:
-        content = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:
-        raise ValueError(f"not a valid gzip file ({e})") from None
-    digest = hashlib.sha256(content).hexdigest()
-    if digest != expected_sha256:
-        raise ValueError(f"SHA-256 of {name} is {digest}, expected {expected_sha256}")
-    return content
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise PipelineError(f"{TIMEOUT_ENV}={value}: give a number of seconds above 0")
+    return seconds
 
 
-def fetch_file(dataset: str, name: str) -> bytes:
-    """The verified, decompressed content of one IDX file, from the first source that has it."""
-    expected = dataset_info(dataset).sha256[name]
+def idx_size(name: str) -> int:
+    """Bytes of one of the data sets' IDX files: its header, then a byte per label or 28x28 per image."""
+    split = next(s for s, prefix in SPLITS.items() if name.startswith(prefix + "-"))
+    count = SPLIT_SIZES[split]
+    return 16 + count * IMAGE_SIZE**2 if "-images-" in name else 8 + count
+
+
+class Source:
+    """A file's bytes as they arrive, refused past `limit` bytes or `timeout` seconds (each wait for more bytes
+    lasts at most READ_TIMEOUT); gzip reads it a piece at a time."""
+
+    def __init__(self, url: str, limit: int, timeout: float):
+        self.limit, self.timeout, self.size = limit, timeout, 0
+        self.deadline = time.monotonic() + timeout
+        if "://" in url:
+            self.stream = urllib.request.urlopen(url, timeout=min(READ_TIMEOUT, timeout))
+        elif Path(url).is_file() or not Path(url).exists():  # a pipe or a device would never end
+            self.stream = open(url, "rb")
+        else:
+            raise ValueError("not a regular file")
+        self.read1 = getattr(self.stream, "read1", self.stream.read)  # whatever has arrived, not `size` bytes
+
+    def read(self, size: int = -1) -> bytes:
+        """`size` bytes (CHUNK for -1), fewer only at the end, as gzip expects of a file."""
+        parts, wanted = [], CHUNK if size < 0 else size
+        while wanted:
+            if time.monotonic() > self.deadline:
+                raise TimeoutError(f"not complete after {self.timeout:g} s (${TIMEOUT_ENV})")
+            part = self.read1(min(wanted, CHUNK))
+            if not part:
+                break
+            self.size += len(part)
+            if self.size > self.limit:
+                raise ValueError(f"more than {self.limit:,} bytes; refused")
+            parts.append(part)
+            wanted -= len(part)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def download(url: str, name: str, dest: Path, expected_sha256: str, timeout: float) -> None:
+    """Decompress the .gz at `url` into `dest` as it arrives, within the sizes an IDX file `name` can have,
+    and check the SHA-256 of its content."""
+    limit = idx_size(name)
+    source = Source(url, limit + GZIP_OVERHEAD, timeout)
+    digest, size = hashlib.sha256(), 0
+    try:
+        with gzip.GzipFile(fileobj=source, mode="rb") as stream, open(dest, "wb") as out:
+            while True:
+                try:
+                    chunk = stream.read(CHUNK)
+                except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+                    raise ValueError(f"not a valid gzip file ({e})") from None
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    raise ValueError(f"expands to more than the {limit:,} bytes of {name}; refused")
+                digest.update(chunk)
+                out.write(chunk)
+    finally:
+        source.close()
+    if digest.hexdigest() != expected_sha256:
+        raise ValueError(f"SHA-256 of {name} is {digest.hexdigest()}, expected {expected_sha256}")
+
+
+def fetch_file(dataset: str, name: str, dest: str | os.PathLike = os.devnull) -> None:
+    """Write the verified, decompressed content of one IDX file to `dest` (by default nowhere: only check that
+    a source has it), from the first source that has it."""
+    expected, timeout = dataset_info(dataset).sha256[name], download_timeout()
     tried = []
     for source in sources(dataset):
         try:
-            return verified_content(read_source(source, name + ".gz"), name, expected)
+            return download(source + name + ".gz", name, Path(dest), expected, timeout)
         except Exception as e:  # noqa: BLE001 - every failure moves on to the next source
             tried.append(f"{source}{name}.gz ({str(e) or type(e).__name__})")
     raise PipelineError(f"{dataset}/{name}: no source worked; tried " + "; ".join(tried))
@@ -76,8 +150,9 @@ def fetch(dataset: str, out_dir: str | os.PathLike, log=print) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        staging.chmod(0o777 & ~umask())  # mkdtemp made it 0700; the folder gets the mode any other would
         for name in dataset_info(dataset).sha256:
-            (staging / name).write_bytes(fetch_file(dataset, name))
+            fetch_file(dataset, name, staging / name)
             log(f"{dataset}/{name}: verified")
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -86,12 +161,23 @@ def fetch(dataset: str, out_dir: str | os.PathLike, log=print) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-@click.command(help="Fetch and verify one data set (mirror in $DATASET_MIRROR, else official hosts).")
+def stop(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
+
+
+@click.command(help="Fetch and verify one data set (mirror in $DATASET_MIRROR, else official hosts; "
+                    f"$DATASET_TIMEOUT seconds per file, default {DEFAULT_TIMEOUT}).")
 @click.option("--dataset", required=True, type=click.Choice(list(DATASETS)))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder to write.")
 @stage_command
 def main(dataset: str, out_dir: str) -> None:
-    fetch(dataset, out_dir, log=lambda msg: print(msg, file=sys.stderr))
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    try:
+        fetch(dataset, out_dir, log=lambda msg: print(msg, file=sys.stderr))
+    except Stopped as e:
+        click.echo(f"Error: stopped by {e}; nothing written", err=True)
+        sys.exit(128 + signal.Signals[str(e)])
 
 
 if __name__ == "__main__":

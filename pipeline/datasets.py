@@ -9,7 +9,8 @@ import numpy as np
 
 from pipeline.common import PipelineError
 
-SPLITS = {"train": "train", "test": "t10k"}
+SPLITS = {"train": "train", "test": "t10k"}  # split -> the prefix of its files
+SPLIT_SIZES = {"train": 60_000, "test": 10_000}  # images per split, the same in both data sets
 IMAGE_SIZE = 28  # both data sets: 28x28 grey images
 # How users' images are brought to a data set's form (params.yaml `datasets.<name>.preprocess`, a model's
 # metadata): the names of the functions in images.py that do it.

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from pipeline.common import first_line
 from pipeline.datasets import IMAGE_SIZE, PREPROCESSING
 
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")  # the only decoders Pillow may use
-MAX_PIXELS = 20_000_000  # width x height after JPEG draft-mode decoding; keeps one image under ~300 MB
+MAX_PIXELS = 20_000_000  # width x height after JPEG draft-mode decoding; keeps one image to about 300 MB
 MAX_BYTES = 50 * 2**20  # an encoded image (file, bytes or stream) larger than this is refused unread
 DIGIT_BOX = 20  # MNIST digits are scaled to fit 20x20, then centred by mass in 28x28
 WORK_SIDE = 1024  # larger images are shrunk to this first; the result is 28 pixels anyway
@@ -80,7 +80,7 @@ def decode(data: bytes) -> Image.Image:
                     img.draft(None, (WORK_SIDE, WORK_SIDE))  # let the decoder skip detail we would discard
                 check_size(img)
                 img.load()
-                return ImageOps.exif_transpose(img)
+                return upright(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"refused as a possible decompression bomb ({e})") from None
     except UnidentifiedImageError:
@@ -89,6 +89,14 @@ def decode(data: bytes) -> Image.Image:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError, TypeError, KeyError, IndexError) as e:
         raise ImageError(f"truncated or corrupt {kind} ({first_line(e)})") from None
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """`img` turned as its EXIF orientation says; itself, not a copy, when it needs no turning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on odd EXIF data
+        turned = img.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9)
+        return ImageOps.exif_transpose(img) if turned else img
 
 
 def check_size(img: Image.Image) -> None:
@@ -130,36 +138,52 @@ def load(source: ImageInput) -> Image.Image:
     if isinstance(source, Image.Image):
         check_size(source)
         try:
-            return ImageOps.exif_transpose(source)
-        except (OSError, ValueError) as e:
+            return upright(source)
+        except (OSError, ValueError, TypeError) as e:
             raise ImageError(f"cannot use this PIL image ({first_line(e)})") from None
     return decode(read_encoded(source))
 
 
 def composite(luma: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """Flatten onto the background the content implies: transparent pixels are background, so it is
-    white under dark (opaque) content and black under light content."""
-    weight = alpha.sum()
-    content_luma = (luma * alpha).sum() / weight if weight else 0.0
-    background = 1.0 if content_luma < 0.5 else 0.0
-    return luma * alpha + background * (1 - alpha)
+    white under dark (opaque) content and black under light content. Works in place on both arrays."""
+    weight = float(alpha.sum())
+    content_luma = float(np.dot(luma.ravel(), alpha.ravel())) / weight if weight else 0.0
+    luma *= alpha
+    if content_luma < 0.5:  # white background: add 1 - alpha
+        alpha -= 1
+        luma -= alpha
+    return luma
 
 
 def to_grey(img: Image.Image) -> np.ndarray:
-    """float32 (H, W) in [0, 1], 0 = black, from any mode: palette, 16-bit, with or without alpha."""
+    """float32 (H, W) in [0, 1], 0 = black, from any mode: palette, 16-bit, with or without alpha.
+    Scaled in place: at 20 megapixels each float copy is 80 MB."""
     if img.mode.startswith("I;16"):
-        return np.asarray(img, np.float32) / 65535
+        a = np.asarray(img, np.float32)
+        a /= 65535
+        return a
     if img.mode == "I":
         a = np.asarray(img, np.float32)
-        return np.clip(a / (65535 if a.max() > 255 else 255), 0, 1)
+        a /= 65535 if a.max() > 255 else 255
+        return np.clip(a, 0, 1, out=a)
     if img.mode == "F":
-        a = np.nan_to_num(np.asarray(img, np.float32))
-        return np.clip(a if a.max() <= 1 else a / 255, 0, 1)
+        a = np.nan_to_num(np.array(img, np.float32), copy=False)
+        if a.max() > 1:
+            a /= 255
+        return np.clip(a, 0, 1, out=a)
     try:
         if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-            la = np.asarray(img.convert("RGBA").convert("LA"), np.float32) / 255
-            return composite(la[..., 0], la[..., 1])
-        return np.asarray(img.convert("L"), np.float32) / 255
+            rgba = img if img.mode in ("RGBA", "LA") else img.convert("RGBA")
+            luma, alpha = np.asarray(rgba.convert("L"), np.float32), rgba.getchannel("A")
+            del rgba  # a converted copy is freed before the second float array
+            alpha = np.asarray(alpha, np.float32)
+            luma /= 255
+            alpha /= 255
+            return composite(luma, alpha)
+        grey = np.asarray(img.convert("L"), np.float32)
+        grey /= 255
+        return grey
     except (ValueError, OSError) as e:
         raise ImageError(f"cannot convert {img.mode} pixels to greyscale ({e})") from None
 

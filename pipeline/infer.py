@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
+import io
 import json
 import os
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import click
 
 from pipeline.classifier import Classifier, ModelError, Result
+from pipeline.common import one_line, shown
 from pipeline.images import FORMATS, PREPROCESSORS, ImageError, read_encoded
 
 OUTPUT_FORMATS = ("text", "json", "csv")
@@ -26,10 +28,8 @@ class BadUsage(click.ClickException):
 
     exit_code = USAGE
 
-
-def shown(name: str | os.PathLike) -> str:
-    """A file name as valid UTF-8 text: bytes that are not UTF-8 appear escaped, e.g. '\\xff'."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
+    def __init__(self, message: str):
+        super().__init__(one_line(shown(message)))
 
 
 def image_extensions() -> set[str]:
@@ -80,10 +80,10 @@ class Report:
     def add(self, result: Result) -> None:
         name = shown(result.source)
         if self.fmt == "text":
-            self.out.write(f"{name}: " + ", ".join(f"{p.label} ({p.probability:.3f})" for p in result.predictions)
+            self.out.write(one_line(f"{name}: " + ", ".join(f"{p.label} ({p.probability:.3f})" for p in result.predictions))
                            + "\n")
         elif self.fmt == "json":
-            self.out.write(("," if self.count else "") + "\n  " + json.dumps(result.to_dict() | {"file": name}))
+            self.out.write(("," if self.count else "") + "\n  " + json.dumps(result.to_dict()))
         else:
             for rank, p in enumerate(result.predictions, 1):
                 self.csv.writerow([name, rank, p.index, p.label, round(p.probability, 6)])
@@ -97,7 +97,7 @@ class Report:
 
 
 def error(name: str, problem: str) -> None:
-    click.echo(f"Error: {shown(name)}: {problem}", err=True)
+    click.echo("Error: " + one_line(shown(f"{name}: {problem}")), err=True)
 
 
 def progress(total: int):
@@ -162,17 +162,19 @@ def main(images, model_path, top_k, fmt, batch_size, device, raw, assume) -> Non
     try:
         clf = Classifier(model_path, device, assume)
     except ModelError as e:
-        raise BadUsage(f"{shown(model_path)}: {e}") from None
+        raise BadUsage(f"{model_path}: {e}") from None
     files, problems = expand(images)
     for arg, problem in problems:
         error(arg, problem)
+    if isinstance(sys.stdout, io.TextIOWrapper):  # a stdout that cannot encode a name escapes it
+        sys.stdout.reconfigure(errors="backslashreplace")
     report = Report(fmt, sys.stdout)
     try:
         failed = run(clf, files, report, top_k, raw, batch_size)
     except ModelError as e:
+        raise BadUsage(f"{model_path}: {e}") from None
+    finally:  # the records so far, as a complete document, whatever stopped the run
         report.close()
-        raise BadUsage(f"{shown(model_path)}: {e}") from None
-    report.close()
     sys.exit(USAGE if problems else FAILED if failed else 0)
 
 

@@ -9,6 +9,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
+from pipeline.common import first_line
 from pipeline.datasets import IMAGE_SIZE
 
 INPUT_NAME = "input"
@@ -83,8 +84,8 @@ class ModelInfo:
             raise MetadataError(f"model metadata lacks {', '.join(missing)} (not exported by this project?)")
         try:
             values = {k: json.loads(v, parse_constant=lambda c: c) for k, v in meta.items()}
-        except (TypeError, ValueError) as e:
-            raise MetadataError(f"model metadata is not JSON ({e})") from None
+        except (TypeError, ValueError, RecursionError) as e:
+            raise MetadataError(f"model metadata is not JSON ({first_line(e)})") from None
         names, norm = values["class_names"], values["normalization"]
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
             raise MetadataError(f"model metadata: class_names must be a non-empty list of strings (got {names!r})")

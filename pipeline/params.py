@@ -2,21 +2,58 @@
 from __future__ import annotations
 
 import inspect
+import os
+import stat
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.common import PipelineError
-from pipeline.datasets import DATASETS, PREPROCESSING
+from pipeline.common import PipelineError, first_line
+from pipeline.datasets import DATASETS, PREPROCESSING, SPLIT_SIZES
 from pipeline.models import MODELS
 
 PARAMS_FILE = "params.yaml"
+MAX_PARAMS_BYTES = 2**20
+MAX_DEPTH = 20  # params.yaml nests four deep
+MAX_SEED = 2**63 - 1  # a signed 64-bit integer, which torch.manual_seed and every other generator take
+MAX_THREADS = 256
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """YAML without anchors or aliases (params.yaml needs none; they allow "billion laughs"), without
+    duplicate keys, nested at most MAX_DEPTH deep."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases (&name, *name) are not allowed",
+                                              event.start_mark)
+        if self.depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} deep", event.start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        mapping = super().construct_mapping(node, deep)
+        if len(mapping) < len(node.value):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+        return mapping
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class Plateau(Strict):
@@ -62,7 +99,7 @@ class DataParams(Strict):
 class TrainParams(Strict):
     epochs: int | None = Field(None, gt=0)  # quick runs: replaces every recipe's epoch count
     eval_batch_size: int = Field(1000, gt=0)
-    threads: int = Field(0, ge=0)  # torch intra-op threads on the CPU; 0 = torch's default
+    threads: int = Field(0, ge=0, le=MAX_THREADS)  # torch intra-op threads on the CPU; 0 = torch's default
     channels_last: bool = True  # NHWC memory format for the convolutional models
     # bfloat16 autocast of the training forward pass (weights, optimiser and evaluation stay float32):
     # auto = where the device computes bf16 natively (oneDNN on the CPU, CUDA with bf16), else off
@@ -70,7 +107,7 @@ class TrainParams(Strict):
 
 
 class Params(Strict):
-    seed: int
+    seed: int = Field(ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"]
     data: DataParams
     train: TrainParams
@@ -110,11 +147,15 @@ class Params(Strict):
             missing = [k for k in known if k not in have]
             if missing:
                 raise ValueError(f"{kind}: missing {', '.join(missing)}")
-        limit = self.data.train_limit
+        limit, images = self.data.train_limit, SPLIT_SIZES["train"]
         for arch, recipe in self.recipes.items():
-            if limit is not None and recipe.drop_last and limit < recipe.batch_size:
+            if not recipe.drop_last or recipe.batch_size <= min(limit or images, images):
+                continue
+            if limit is not None and limit < images:
                 raise ValueError(f"data.train_limit: {limit} is smaller than recipes.{arch}.batch_size "
                                  f"({recipe.batch_size}), whose incomplete batches are dropped: nothing would train")
+            raise ValueError(f"recipes.{arch}.batch_size: {recipe.batch_size} is more than the {images:,} training "
+                             f"images, and recipes.{arch}.drop_last drops incomplete batches: nothing would train")
         return self
 
     def recipe(self, arch: str) -> Recipe:
@@ -146,9 +187,22 @@ def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
         raise PipelineError(f"{source}: " + "; ".join(describe(err) for err in e.errors())) from None
 
 
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in `path`, a regular file of at most MAX_PARAMS_BYTES, read with ParamsLoader."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_PARAMS_BYTES:
+        raise OSError(f"not a regular file of at most {MAX_PARAMS_BYTES // 2**20} MB")
+    with open(path, "rb") as f:
+        return yaml.load(f.read(MAX_PARAMS_BYTES + 1), ParamsLoader)
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise PipelineError(f"{path}: cannot read params ({e})".replace("\n", " ")) from None
+        raw = read_yaml(path)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise PipelineError(f"{path}: cannot read params: {where}{e.problem or first_line(e)}") from None
+    except (OSError, yaml.YAMLError, RecursionError) as e:
+        raise PipelineError(f"{path}: cannot read params ({getattr(e, 'strerror', None) or first_line(e)})") from None
     return parse_params(raw, str(path))

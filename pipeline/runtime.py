@@ -24,7 +24,7 @@ def onnx_session(source: bytes | str | os.PathLike, device: str = "cpu"):
                              "install onnxruntime-gpu instead of onnxruntime, or use the CPU")
         providers.insert(0, "CUDAExecutionProvider")
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: errors come back as exceptions; a logged copy is a second line
     try:
         session = ort.InferenceSession(source if isinstance(source, bytes) else str(source), options,
                                        providers=providers)

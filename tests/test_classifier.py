@@ -1,7 +1,7 @@
 """The Python API: every input type, the same preprocessing and errors as `infer`, typed results."""
 import io
-import re
 import os
+import re
 
 import numpy as np
 import pytest

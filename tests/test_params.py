@@ -36,8 +36,10 @@ def test_epochs_override_replaces_every_recipe():
 
 
 @pytest.mark.parametrize("path, value, delete, message", [
-    ("recipes.resnet", RAW["recipes"]["cnn"], False, "recipes: Value error, unknown architecture 'resnet'; allowed: softmax, mlp, simple_cnn, cnn"),
-    ("datasets.cifar", RAW["datasets"]["mnist"], False, "datasets: Value error, unknown dataset 'cifar'; allowed: mnist, fashion-mnist"),
+    ("recipes.resnet", RAW["recipes"]["cnn"], False,
+     "recipes: Value error, unknown architecture 'resnet'; allowed: softmax, mlp, simple_cnn, cnn"),
+    ("datasets.cifar", RAW["datasets"]["mnist"], False,
+     "datasets: Value error, unknown dataset 'cifar'; allowed: mnist, fashion-mnist"),
     ("seed", None, True, "seed: Field required"),
     ("recipes.cnn", None, True, "missing cnn"),
     ("recipes.cnn.lr", -0.1, False, "recipes.cnn.lr: Input should be greater than 0 (got -0.1)"),
