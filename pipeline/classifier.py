@@ -257,6 +257,8 @@ class Classifier:
             raise ValueError(f"batch_size must be a positive integer (got {batch_size!r})")
         images = list(images)
         names = [describe(s) for s in images] if names is None else list(names)
+        if len(names) != len(images):
+            raise ValueError(f"{len(names)} names for {len(images)} images")
         for start in range(0, len(images), batch_size):
             yield from self._results(images[start:start + batch_size], names[start:start + batch_size],
                                      top_k, raw)

@@ -15,6 +15,7 @@ import click
 from pipeline.classifier import Classifier, ModelError, Result
 from pipeline.common import one_line, shown
 from pipeline.images import FORMATS, PREPROCESSORS, ImageError, read_encoded
+from pipeline.runtime import DEVICES
 
 OUTPUT_FORMATS = ("text", "json", "csv")
 PROGRESS_MIN = 20  # files; fewer finish before a progress bar would tell anything
@@ -108,6 +109,8 @@ def progress(total: int):
 
 
 def read_stdin() -> bytes | str:
+    if sys.stdin is None:
+        return "no standard input (it is closed)"
     try:
         return read_encoded(sys.stdin.buffer)
     except ImageError as e:
@@ -150,7 +153,7 @@ def run(clf: Classifier, files: list[str], report: Report, top_k: int, raw: bool
               help="text: 'file: class (probability)'; json: an array of records; csv: one row per file and rank.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
               help="Images per onnxruntime call.")
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(DEVICES),
               help="cuda needs onnxruntime-gpu; refused, not silently run on the CPU, when it is missing.")
 @click.option("--raw", is_flag=True, help="The images are already 28x28, light on dark (MNIST-style): "
                                           "only convert them to grey, no inversion, cropping or centring.")
@@ -181,10 +184,7 @@ def main(images, model_path, top_k, fmt, batch_size, device, raw, assume) -> Non
 def cli() -> None:
     """The console script: `main`, ending quietly on a closed pipe and in one line on a failed write."""
     try:
-        main()
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
-        sys.exit(141)
+        main()  # click ends a closed pipe (EPIPE) quietly itself, with exit status 1
     except OSError as e:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -36,6 +36,7 @@ else:
 CONFIG_ENV = "DIGITLENS_SERVE"  # the ServeConfig as JSON, for worker processes (--workers > 1)
 FILES_FIELD = "files"
 MB = 2**20
+MAX_CONCURRENT = os.cpu_count() or 2
 log = logging.getLogger("pipeline.serve")
 
 
@@ -78,8 +79,11 @@ class ApiError(Exception):
 
 def parse_top_k(value) -> int:
     """A positive integer from a query or form string, or a JSON number; else 422."""
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
+    if isinstance(value, str):
+        try:
+            value = int(value.strip()) if value.strip().isascii() else value
+        except ValueError:
+            pass
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ApiError(422, f"top_k must be a positive integer (got {value!r})")
     return value
@@ -153,7 +157,7 @@ def request_inputs(body: bytes, content_type: str, max_files: int) -> tuple[list
         return files, top_k, False
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ApiError(400, f"body is not valid JSON ({first_line(e)})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) or not doc["images"]:
         raise ApiError(400, 'give {"images": [one or more 28x28 arrays of numbers in [0, 1]], "top_k": k}')
@@ -257,6 +261,9 @@ def create_app(config: ServeConfig) -> FastAPI:
                   description="Classify images with exported MNIST / Fashion-MNIST models.")
     app.state.models = models
     app.add_middleware(AccessLog)
+    # Requests decoded and classified at once: one per core keeps the CPUs busy, and bounds memory at
+    # MAX_CONCURRENT x the ~300 MB one image may take while it is prepared (docs/serve.md)
+    model_work = anyio.CapacityLimiter(MAX_CONCURRENT)
 
     def model(name: str) -> Classifier:
         if name not in models:
@@ -294,10 +301,8 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: the models are loaded", responses={503: ERROR_DOC})
-    async def readyz(request: Request):
-        if not models:
-            return error_response(request, 503, "no model loaded")
+    @app.get("/readyz", summary="Readiness: the models are loaded")
+    async def readyz():  # the app exists only once every model has loaded, so answering means ready
         return {"status": "ready", "models": list(models)}
 
     @app.get("/v1/models", summary="The loaded models and their metadata")
@@ -317,8 +322,11 @@ def create_app(config: ServeConfig) -> FastAPI:
             raise ApiError(415, f"send multipart/form-data (field {FILES_FIELD!r}) or application/json "
                                 f"(field 'images'), not {content_type or 'no Content-Type'}")
         top_k = request.query_params.get("top_k")
+        if top_k is not None:
+            top_k = parse_top_k(top_k)  # before reading the body
         body = await read_body(request, config.max_bytes)
-        records = await anyio.to_thread.run_sync(predict, clf, body, content_type, top_k, config.max_files)
+        records = await anyio.to_thread.run_sync(predict, clf, body, content_type, top_k, config.max_files,
+                                                 limiter=model_work)
         return JSONResponse(records)
 
     return app

@@ -146,12 +146,14 @@ def test_pulled_run_cache_means_no_training_and_no_export(pushed, tmp_path):
     root, env = pushed
     clone = tmp_path / "clone"
     git("clone", "-q", str(root), str(clone), cwd=tmp_path, env=env)
-    fetched = dvc("pull", "--run-cache", cwd=clone, env=env)
+    fetched = dvc("fetch", "--run-cache", cwd=clone, env=env)  # into the cache only: the clone has no outputs
     assert fetched.returncode == 0, fetched.stderr
+    assert not (clone / "models").exists() or not any((clone / "models").rglob("*.pt"))
     result = dvc("repro", cwd=clone, env=env)
     assert result.returncode == 0, result.stderr
     ran = [line for line in result.stdout.splitlines() if line.startswith("Running stage")]
     assert not [line for line in ran if "'train@" in line or "'export@" in line], ran
+    assert (clone / "artifacts" / "cnn.onnx").read_bytes() == (root / "artifacts" / "cnn.onnx").read_bytes()
 
 
 def test_a_missing_remote_is_dvcs_own_error(pushed, tmp_path):

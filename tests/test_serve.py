@@ -234,6 +234,7 @@ def test_json_arrays_are_classified_raw(make_client, data_root, digits_model):
     (b'{"images": [[[0.5]]]}', "images[0]: array of shape [1, 1]"),
     (b'{"images": [[[NaN]]]}', "images[0]: array of shape [1, 1]"),
     (b'\xff\xfe', "body is not valid JSON"),
+    (b"[" * 100_000, "body is not valid JSON"),  # too deep for the parser: still a bad body, not a 500
 ])
 def test_bad_json_is_400(client, body, error):
     assert_error(client.post(predict_url(), content=body, headers={"content-type": "application/json"}), 400, error)
@@ -273,6 +274,7 @@ def test_wrong_content_type_is_415(client, content_type):
 
 
 @pytest.mark.parametrize("where, value", [("query", "0"), ("query", "-1"), ("query", "x"), ("query", "1.5"),
+                                          ("query", "%C2%B2"), ("form", "\u00b2"),
                                           ("form", "0"), ("form", ""), ("json", 0), ("json", "x"), ("json", True),
                                           ("json", 2.0)])
 def test_bad_top_k_is_422(client, digits, where, value):
@@ -284,6 +286,11 @@ def test_bad_top_k_is_422(client, digits, where, value):
     else:
         r = client.post(predict_url(), json={"images": [[[0.0] * 28] * 28], "top_k": value})
     assert_error(r, 422, "top_k must be a positive integer")
+
+
+def test_bad_query_top_k_is_422_before_the_body_is_read(client):
+    headers = {"content-type": "multipart/form-data; boundary=x"}
+    assert_error(client.post(predict_url(query="top_k=0"), content=b"x" * (LIMIT + 1), headers=headers), 422)
 
 
 def test_failures_are_json_500_and_the_server_goes_on(make_client, digits, monkeypatch):
