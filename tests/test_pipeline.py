@@ -146,9 +146,9 @@ def test_pulled_run_cache_means_no_training_and_no_export(pushed, tmp_path):
     root, env = pushed
     clone = tmp_path / "clone"
     git("clone", "-q", str(root), str(clone), cwd=tmp_path, env=env)
-    fetched = dvc("fetch", "--run-cache", cwd=clone, env=env)  # into the cache only: the clone has no outputs
-    assert fetched.returncode == 0, fetched.stderr
-    assert not (clone / "models").exists() or not any((clone / "models").rglob("*.pt"))
+    assert not (clone / "models").exists() or not any((clone / "models").rglob("*.pt"))  # no outputs yet
+    pulled = dvc("pull", "--run-cache", cwd=clone, env=env)
+    assert pulled.returncode == 0, pulled.stderr
     result = dvc("repro", cwd=clone, env=env)
     assert result.returncode == 0, result.stderr
     ran = [line for line in result.stdout.splitlines() if line.startswith("Running stage")]
