@@ -107,7 +107,7 @@ def export(model: nn.Module, info: ModelInfo, x: np.ndarray, batch_size: int) ->
 
 
 def export_id(checkpoint: str | os.PathLike) -> str:
-    """The id both exports of one checkpoint carry (and its parity report): the checkpoint's SHA-256, shortened."""
+    """The id both exports of one checkpoint carry (and its model card): the checkpoint's SHA-256, shortened."""
     return hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:16]
 
 

@@ -1,4 +1,4 @@
-"""Evaluate stage: test-set metrics, confusion matrix and plots of one trained model."""
+"""Evaluate stage: test-set metrics, confusion matrix, its most confident mistakes and plots of one trained model."""
 from __future__ import annotations
 
 import csv
@@ -25,15 +25,20 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
     return np.bincount(y_true * num_classes + y_pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 
+RUN_FACTS = ("device", "precision", "threads", "torch_version")  # how it was trained: text, not metrics
+
+
 def evaluate(model: torch.nn.Module, ckpt: dict, images: np.ndarray, labels: np.ndarray,
              batch_size: int) -> tuple[dict, dict, np.ndarray]:
-    """(metrics, per-class figures with the confusion matrix, predicted classes) on a labelled split."""
+    """(metrics, per-class figures with the confusion matrix, class probabilities (N, C)) on a labelled split.
+    The metrics are numbers only, so that `dvc metrics diff` and `dvc exp show` can compare them."""
     norm = ckpt["normalization"]
     x = to_inputs(images, norm["mean"], norm["std"], torch.device("cpu"))
     y = torch.from_numpy(labels)
     logits = predict_logits(model, x, batch_size)
     loss, acc = score(logits, y)
-    pred = logits.argmax(1).numpy()
+    probs = torch.softmax(logits, 1).numpy()
+    pred = probs.argmax(1)
     classes = ckpt["class_names"]
     cm = confusion_matrix(labels, pred, len(classes))
     per_class = {name: round(100.0 * cm[i, i] / max(cm[i].sum(), 1), 2) for i, name in enumerate(classes)}
@@ -42,12 +47,46 @@ def evaluate(model: torch.nn.Module, ckpt: dict, images: np.ndarray, labels: np.
         "loss": round(loss, 4),
         "params": sum(p.numel() for p in model.parameters()),
         "train_time_s": round(ckpt["train_time_s"], 1),
-        "device": ckpt["device"],
-        "precision": ckpt["precision"],
         "epochs": len(ckpt["history"]),
     }
     per_class = {"classes": classes, "accuracy": per_class, "confusion_matrix": cm.tolist()}
-    return metrics, per_class, pred
+    return metrics, per_class, probs
+
+
+def run_facts(ckpt: dict) -> dict:
+    """Where and how the model was trained (device, precision, CPU threads, torch version)."""
+    return {key: ckpt.get(key) for key in RUN_FACTS}
+
+
+def most_confident_mistakes(labels: np.ndarray, probs: np.ndarray, n: int) -> np.ndarray:
+    """Indices of at most `n` wrongly classified images, the most confident first."""
+    pred = probs.argmax(1)
+    wrong = np.flatnonzero(pred != labels)
+    confidence = probs[wrong, pred[wrong]]
+    return wrong[np.argsort(-confidence, kind="stable")][:n]
+
+
+def plot_mistakes(ckpt: dict, images: np.ndarray, labels: np.ndarray, probs: np.ndarray, path: str | Path,
+                  rows: int = 4, cols: int = 8) -> None:
+    """A grid of the test images the model gets wrong with the highest confidence, the true and the predicted
+    class (with its probability) under each."""
+    classes = [c.split(" - ")[0] for c in ckpt["class_names"]]
+    picked = most_confident_mistakes(labels, probs, rows * cols)
+    wrong = int((probs.argmax(1) != labels).sum())
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows + 0.6))
+    for ax, i in zip(axes.flat, [*picked, *[None] * (rows * cols - len(picked))]):
+        ax.axis("off")
+        if i is None:
+            continue
+        pred = int(probs[i].argmax())
+        ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"#{i}  true {classes[labels[i]]}\npred {classes[pred]} {100 * probs[i, pred]:.0f}%", fontsize=8)
+    fig.suptitle(f"{ckpt['arch']} on {ckpt['dataset']}: the {len(picked)} most confident of its {wrong} mistakes "
+                 f"on the {len(labels):,} test images (#index in the test split)", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
 
 
 def predictions_csv(labels: np.ndarray, pred: np.ndarray, classes: list[str]) -> str:
@@ -95,17 +134,23 @@ def plot_report(ckpt: dict, metrics: dict, cm: np.ndarray, path: str | Path) -> 
 @click.option("--classes", "classes_path", required=True, type=click.Path(dir_okay=False),
               help="JSON to write: per-class accuracy and confusion matrix.")
 @click.option("--predictions", required=True, type=click.Path(dir_okay=False), help="CSV (actual, predicted) to write.")
-@click.option("--plot", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
+@click.option("--run", "run_path", required=True, type=click.Path(dir_okay=False),
+              help="JSON to write: device, precision, threads and torch version of the training run.")
+@click.option("--plot", required=True, type=click.Path(dir_okay=False), help="PNG to write: curves and confusion matrix.")
+@click.option("--mistakes", required=True, type=click.Path(dir_okay=False),
+              help="PNG to write: the most confident mistakes on the test set.")
 @click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
 @stage_command
-def main(model_path: str, data_dir: str, metrics_path: str, classes_path: str, predictions: str, plot: str,
-         params_file: str) -> None:
+def main(model_path: str, data_dir: str, metrics_path: str, classes_path: str, predictions: str, run_path: str,
+         plot: str, mistakes: str, params_file: str) -> None:
     batch_size = load_params(params_file).train.eval_batch_size
     model, ckpt = load_checkpoint(model_path)
     images, labels = load_split(data_dir, "test")
-    metrics, per_class, pred = evaluate(model, ckpt, images, labels, batch_size)
-    write_text(predictions, predictions_csv(labels, pred, ckpt["class_names"]))
+    metrics, per_class, probs = evaluate(model, ckpt, images, labels, batch_size)
+    write_text(predictions, predictions_csv(labels, probs.argmax(1), ckpt["class_names"]))
     plot_report(ckpt, metrics, np.array(per_class["confusion_matrix"]), plot)
+    plot_mistakes(ckpt, images, labels, probs, mistakes)
+    write_json(run_path, run_facts(ckpt))
     write_json(classes_path, per_class)
     write_json(metrics_path, metrics)
     print(f"{ckpt['arch']} on {ckpt['dataset']}: accuracy {metrics['accuracy']:.2f}%  loss {metrics['loss']:.4f}")

@@ -38,7 +38,6 @@ def main(model_path, data_dir, metrics_path, classes_path, onnx_path, ts_path, p
     images, _ = load_split(data_dir, "test")
     x = to_inputs(images, info.mean, info.std, torch.device("cpu")).numpy()
     ts_bytes, onnx_bytes, report = export(model, info, x, batch_size)
-    report["export_id"] = info.export_id
     per_class = json.loads(Path(classes_path).read_text())["accuracy"]
     write_bytes(ts_path, ts_bytes)
     write_bytes(onnx_path, onnx_bytes)

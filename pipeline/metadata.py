@@ -57,7 +57,7 @@ class ModelInfo:
     params: dict = field(default_factory=dict)
     input: dict = field(default_factory=lambda: dict(INPUT_SPEC))
     output: str = OUTPUT_NAME
-    export_id: str = ""  # the same in an export's ONNX and TorchScript files and its parity report
+    export_id: str = ""  # the same in an export's ONNX and TorchScript files and its model card
 
     def to_metadata(self) -> dict[str, str]:
         """String -> JSON string, as ONNX metadata_props and TorchScript _extra_files hold them."""

@@ -16,20 +16,43 @@ USES = {
 }
 
 
+def recipe_text(params: dict) -> str:
+    """The training recipe in one line, from the params recorded in the model's metadata."""
+    recipe, augment = params.get("recipe", {}), params.get("augment") or {}
+    schedule = recipe.get("scheduler") or {}
+    parts = [f"{recipe.get('optimizer', '?')}{' (Nesterov)' if recipe.get('nesterov') else ''} lr {recipe.get('lr', '?')}"
+             + (" peak of a one-cycle schedule" if schedule.get("kind") == "onecycle" else "")
+             + (" reduced on plateau" if schedule and schedule.get("kind") != "onecycle" else ""),
+             f"batch {recipe.get('batch_size', '?')}", f"{recipe.get('epochs', '?')} epochs",
+             f"seed {params.get('seed', '?')}"]
+    if recipe.get("weight_decay"):
+        parts.append(f"weight decay {recipe['weight_decay']:g}")
+    if recipe.get("label_smoothing"):
+        parts.append(f"label smoothing {recipe['label_smoothing']:g}")
+    if recipe.get("normalize"):
+        parts.append("standardised inputs")
+    if params.get("hflip"):
+        parts.append("random horizontal flips")
+    warps = [f"{label} {augment[key]:g}{unit}" for key, label, unit in (
+        ("rotate", "rotation ±", "°"), ("shear", "shear ±", "°"), ("scale", "scale ±", ""),
+        ("translate", "shift ±", " px")) if augment.get(key)]
+    if warps:
+        parts.append("random " + ", ".join(warps))
+    if augment.get("erase"):
+        parts.append(f"random erasing (p {augment['erase']:g})")
+    return ", ".join(parts)
+
+
 def model_card(name: str, info: ModelInfo, per_class: dict[str, float], parity: dict) -> str:
     """Markdown for the model `name` (its file stem), from its metadata, per-class accuracy and parity report."""
-    recipe = info.params.get("recipe", {})
     use, not_for = USES[info.preprocess]
     lines = [
         f"# `{name}`: {info.architecture} on {DATASET_TITLES.get(info.dataset, info.dataset)}",
         "",
         f"- Files: `{name}.onnx` (onnxruntime, opset and metadata inside), `{name}.pt` (TorchScript)",
-        f"- Export id: `{info.export_id}` (the same in both files and in the parity report)",
+        f"- Export id: `{info.export_id}` (the same in both files)",
         f"- Test accuracy: **{info.test_accuracy:.2f} %** on the {parity['images']:,} test images",
-        f"- Recipe: {recipe.get('optimizer', '?')} lr {recipe.get('lr', '?')}, batch {recipe.get('batch_size', '?')}, "
-        f"{recipe.get('epochs', '?')} epochs, seed {info.params.get('seed', '?')}"
-        + (", standardised inputs" if recipe.get("normalize") else "")
-        + (", random horizontal flips" if info.params.get("hflip") else ""),
+        f"- Recipe: {recipe_text(info.params)}",
         f"- Input: float32 `(batch, 1, 28, 28)`, pixels in [0, 1] light on dark, then `(x - {info.mean:g}) / {info.std:g}`;"
         f" output `{info.output}`: logits over {len(info.class_names)} classes",
         f"- Preprocessing of users' images: `{info.preprocess}`",

@@ -18,7 +18,6 @@ PARAMS_FILE = "params.yaml"
 MAX_PARAMS_BYTES = 2**20
 MAX_DEPTH = 20  # params.yaml nests four deep
 MAX_SEED = 2**63 - 1  # a signed 64-bit integer, which torch.manual_seed and every other generator take
-MAX_THREADS = 256
 
 
 class ParamsLoader(yaml.SafeLoader):
@@ -65,23 +64,58 @@ class Plateau(Strict):
     threshold: float = Field(0.1, ge=0)
 
 
+class OneCycle(Strict):
+    """torch.optim.lr_scheduler.OneCycleLR, stepped after every batch: the learning rate rises from
+    lr / div_factor to the recipe's lr over the first pct_start of training, then anneals (cosine) to
+    lr / div_factor / final_div_factor."""
+
+    kind: Literal["onecycle"]
+    pct_start: float = Field(0.25, gt=0, lt=1)
+    div_factor: float = Field(25.0, ge=1)
+    final_div_factor: float = Field(1e4, ge=1)
+
+
+class Augment(Strict):
+    """Random changes to each training image, each applied only where the data set's properties say the
+    label survives it (DatasetParams): warps where poses vary, erasing where labels are occlusion-invariant.
+    Shifts apply everywhere."""
+
+    rotate: float = Field(0.0, ge=0, le=180)  # degrees, uniform in [-rotate, rotate]
+    shear: float = Field(0.0, ge=0, lt=90)  # degrees of horizontal shear (slant), uniform in [-shear, shear]
+    scale: float = Field(0.0, ge=0, lt=1)  # zoom uniform in [1 - scale, 1 + scale]
+    translate: float = Field(0.0, ge=0, le=14)  # pixels along each axis, uniform in [-translate, translate]
+    erase: float = Field(0.0, ge=0, le=1)  # probability of random erasing (one rectangle of 2-25 % of the image)
+
+
 class Recipe(Strict):
     optimizer: Literal["sgd", "adam"]
     lr: float = Field(gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
+    nesterov: bool = False  # SGD with Nesterov momentum
+    weight_decay: float = Field(0.0, ge=0, lt=1)  # L2 on the weights of convolutions and linear layers only
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
     batch_size: int = Field(gt=0)
     drop_last: bool = False
     epochs: int = Field(gt=0)
     normalize: bool = False  # standardise with the data set's mean/std, else only scale to [0, 1]
     hflip: bool = False  # random horizontal flip augmentation, on flip-invariant data sets only
+    augment: Augment = Augment()
     model_args: dict[str, Any] = {}
-    scheduler: Plateau | None = None
+    scheduler: Plateau | OneCycle | None = None
+
+    @model_validator(mode="after")
+    def nesterov_needs_sgd_momentum(self) -> Recipe:
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov: needs optimizer sgd with a momentum above 0")
+        return self
 
 
 class DatasetParams(Strict):
     mean: float = Field(ge=0, le=1)
     std: float = Field(gt=0, le=1)
     flip_invariant: bool  # a mirrored image keeps its label (clothes yes, digits no)
+    pose_varies: bool  # images come rotated, slanted and scaled (handwriting yes, catalogue photos no)
+    occlusion_invariant: bool  # a partly hidden image keeps its label (clothes yes; digits no: 8 -> 3)
     preprocess: str  # how the Classifier brings a user's image to 28x28: one of datasets.PREPROCESSING
 
     @field_validator("preprocess")
@@ -99,7 +133,6 @@ class DataParams(Strict):
 class TrainParams(Strict):
     epochs: int | None = Field(None, gt=0)  # quick runs: replaces every recipe's epoch count
     eval_batch_size: int = Field(1000, gt=0)
-    threads: int = Field(0, ge=0, le=MAX_THREADS)  # torch intra-op threads on the CPU; 0 = torch's default
     channels_last: bool = True  # NHWC memory format for the convolutional models
     # bfloat16 autocast of the training forward pass (weights, optimiser and evaluation stay float32):
     # auto = where the device computes bf16 natively (oneDNN on the CPU, CUDA with bf16), else off
@@ -172,6 +205,16 @@ class Params(Strict):
 
     def hflip(self, dataset: str, arch: str) -> bool:
         return self.recipes[arch].hflip and self.datasets[dataset].flip_invariant
+
+    def augment(self, dataset: str, arch: str) -> Augment:
+        """The recipe's augmentation less what would change labels on `dataset`."""
+        augment, ds = self.recipes[arch].augment, self.datasets[dataset]
+        off = {}
+        if not ds.pose_varies:
+            off.update(rotate=0.0, shear=0.0, scale=0.0)
+        if not ds.occlusion_invariant:
+            off.update(erase=0.0)
+        return augment.model_copy(update=off)
 
 
 def describe(error: dict) -> str:

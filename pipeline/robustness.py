@@ -25,17 +25,27 @@ def off_centre(slack: int, rng: np.random.Generator) -> int:
     return near if rng.random() < 0.5 else slack - near
 
 
-def draw(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Ink coverage (CANVAS, CANVAS) in [0, 1]: the digit's strokes enlarged and placed off-centre."""
+def enlarge(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Ink coverage in [0, 1] of the digit's strokes (its bounding box), enlarged to DRAWN_SIDE pixels."""
     rows, cols = np.flatnonzero(digit.any(1)), np.flatnonzero(digit.any(0))
     strokes = Image.fromarray(digit[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].astype(np.float32) / 255, "F")
     scale = rng.integers(*DRAWN_SIDE, endpoint=True) / max(strokes.size)
     w, h = max(1, round(strokes.width * scale)), max(1, round(strokes.height * scale))
-    big = np.clip(np.asarray(strokes.resize((w, h), Image.Resampling.BICUBIC)), 0, 1)
+    return np.clip(np.asarray(strokes.resize((w, h), Image.Resampling.BICUBIC)), 0, 1)
+
+
+def place(big: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Ink coverage (CANVAS, CANVAS): `big` placed off-centre on an empty canvas."""
+    h, w = big.shape
     top, left = off_centre(CANVAS - h, rng), off_centre(CANVAS - w, rng)
     ink = np.zeros((CANVAS, CANVAS), np.float32)
     ink[top:top + h, left:left + w] = big
     return ink
+
+
+def draw(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Ink coverage (CANVAS, CANVAS) in [0, 1]: the digit's strokes enlarged and placed off-centre."""
+    return place(enlarge(digit, rng), rng)
 
 
 def on_paper(ink: np.ndarray) -> Image.Image:

@@ -14,25 +14,36 @@ COLUMNS = ["dataset", "model", "test accuracy", "test loss", "parameters", "epoc
            "device", "precision", "ONNX max abs diff", "TorchScript max abs diff"]
 
 
-def row(dataset: str, arch: str, metrics: dict, parity: dict | None) -> dict:
+def row(dataset: str, arch: str, metrics: dict, run: dict, parity: dict | None) -> dict:
     diff = (lambda fmt: f"{parity[fmt]['max_abs_diff']:.1e}") if parity else (lambda fmt: "not exported")
     return dict(zip(COLUMNS, [
         dataset, arch, f"{metrics['accuracy']:.2f} %", f"{metrics['loss']:.4f}", f"{metrics['params']:,}",
-        str(metrics["epochs"]), f"{metrics['train_time_s']:.0f} s", metrics["device"], metrics["precision"],
+        str(metrics["epochs"]), f"{metrics['train_time_s']:.0f} s", run.get("device", "?"), run.get("precision", "?"),
         diff("onnx"), diff("torchscript")]))
 
 
-def summary_table(reports_dir: str | Path) -> str:
-    """One row per reports/<dataset>/<arch>/metrics.json, in data set and registry order."""
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def summary_table(reports_dir: str | Path, tuned: bool) -> str:
+    """One row per reports/<dataset>/<arch>/metrics.json of the tuned or of the reference recipes, in data set
+    and registry order ("" when there is none)."""
     rows = []
     for dataset in DATASETS:
-        for arch in MODELS:
+        for arch, cls in MODELS.items():
             folder = Path(reports_dir) / dataset / arch
-            if not (folder / "metrics.json").exists():
+            if getattr(cls, "tuned", False) != tuned or not (folder / "metrics.json").exists():
                 continue
-            parity = json.loads((folder / "parity.json").read_text()) if (folder / "parity.json").exists() else None
-            rows.append(row(dataset, arch, json.loads((folder / "metrics.json").read_text()), parity))
-    return table(rows, COLUMNS, markdown=True)
+            rows.append(row(dataset, arch, read_json(folder / "metrics.json"), read_json(folder / "run.json") or {},
+                            read_json(folder / "parity.json")))
+    return table(rows, COLUMNS, markdown=True) if rows else ""
+
+
+def summary(reports_dir: str | Path) -> str:
+    parts = [("Tuned recipes", summary_table(reports_dir, tuned=True)),
+             ("Reference recipes", summary_table(reports_dir, tuned=False))]
+    return "".join(f"## {title}\n\n{text}\n" for title, text in parts if text)
 
 
 @click.command(help="Write the Markdown summary of every evaluated model.")
@@ -40,7 +51,7 @@ def summary_table(reports_dir: str | Path) -> str:
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
 @stage_command
 def main(reports: str, out: str) -> None:
-    text = summary_table(reports)
+    text = summary(reports)
     write_text(out, "# Models\n\nTest-set figures on the 10,000 test images, written by `dvc repro` "
                     "(pipeline/summary.py).\n\n" + text)
     print(text, end="")

@@ -12,23 +12,40 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.augment import random_affine, random_erasing, random_hflip
 from pipeline.datasets import dataset_info, load_split
 from pipeline.models import create_model
-from pipeline.params import Params, Recipe
+from pipeline.params import Augment, OneCycle, Params, Recipe
 from pipeline.tensors import amp_dtype, device_name, pick_device, precision_label, predict_logits, score, to_inputs
 
 HISTORY_FIELDS = ["epoch", "train_loss", "test_loss", "test_accuracy", "lr", "seconds"]
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """The recipe's optimiser; weight decay applies to the weights of convolutions and linear layers, not to
+    biases or BatchNorm."""
+    params = list(model.parameters())
+    if recipe.weight_decay:
+        params = [{"params": [p for p in params if p.ndim > 1], "weight_decay": recipe.weight_decay},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum)
-    return torch.optim.Adam(model.parameters(), lr=recipe.lr)
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
+    return torch.optim.Adam(params, lr=recipe.lr)
 
 
-def random_hflip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mirror the images of a batch (B, C, H, W) where `mask` (B,) is True."""
-    return torch.where(mask[:, None, None, None], x.flip(-1), x)
+def augmenter(augment: Augment, background: float, generator: torch.Generator):
+    """A function that applies `augment` to a batch, or None when it changes nothing."""
+    warp = dict(rotate=augment.rotate, shear=augment.shear, scale=augment.scale, translate=augment.translate)
+    if not any(warp.values()) and not augment.erase:
+        return None
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        if any(warp.values()):
+            x = random_affine(x, generator, **warp, fill=background)
+        if augment.erase:
+            x = random_erasing(x, generator, p=augment.erase)
+        return x
+    return apply
 
 
 def epoch_batches(n: int, batch_size: int, drop_last: bool, generator: torch.Generator,
@@ -40,9 +57,10 @@ def epoch_batches(n: int, batch_size: int, drop_last: bool, generator: torch.Gen
     return [perm[i:i + batch_size] for i in range(0, stop, batch_size)]
 
 
-def train_epoch(model, optimizer, x, y, batches, flip=None, progress=None,
-                amp: torch.dtype | None = None) -> tuple[float, float]:
-    """One pass over `batches` (index tensors), the forward under autocast to `amp` when given;
+def train_epoch(model, optimizer, x, y, batches, flip=None, progress=None, amp: torch.dtype | None = None,
+                augment=None, label_smoothing: float = 0.0, scheduler=None) -> tuple[float, float]:
+    """One pass over `batches` (index tensors), each batch flipped where `flip` says and then passed through
+    `augment`, the forward under autocast to `amp` when given, `scheduler` stepped after every batch;
     returns (mean loss, last batch's loss)."""
     model.train()
     total = torch.zeros((), device=x.device)
@@ -51,11 +69,15 @@ def train_epoch(model, optimizer, x, y, batches, flip=None, progress=None,
         xb, yb = x[idx], y[idx]
         if flip is not None:
             xb = random_hflip(xb, flip[idx])
+        if augment is not None:
+            xb = augment(xb)
         with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
-            loss = F.cross_entropy(model(xb), yb)
+            loss = F.cross_entropy(model(xb), yb, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         total += loss.detach() * len(idx)
         count += len(idx)
         if progress is not None:
@@ -64,13 +86,21 @@ def train_epoch(model, optimizer, x, y, batches, flip=None, progress=None,
 
 
 def fit(model, recipe: Recipe, train_x, train_y, test_x, test_y, *, hflip: bool, seed: int,
-        eval_batch_size: int, amp: torch.dtype | None = None, log=print) -> list[dict]:
-    """Train `model` in place with `recipe`; returns the per-epoch history."""
+        eval_batch_size: int, amp: torch.dtype | None = None, augment: Augment | None = None,
+        background: float = 0.0, log=print) -> list[dict]:
+    """Train `model` in place with `recipe` and `augment` (what the data set allows of the recipe's augmentation,
+    none when None; `background` is the input value of a black pixel); returns the per-epoch history."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = make_optimizer(model, recipe)
-    scheduler = None
-    if recipe.scheduler is not None:
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **recipe.scheduler.model_dump())
+    plateau = per_batch = None
+    if isinstance(recipe.scheduler, OneCycle):
+        steps = len(epoch_batches(len(train_x), recipe.batch_size, recipe.drop_last, torch.Generator()))
+        per_batch = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=recipe.lr, epochs=recipe.epochs, steps_per_epoch=steps,
+            **recipe.scheduler.model_dump(exclude={"kind"}))
+    elif recipe.scheduler is not None:
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **recipe.scheduler.model_dump())
+    apply_augment = augmenter(augment, background, generator) if augment is not None else None
     history = []
     for epoch in range(1, recipe.epochs + 1):
         start = time.perf_counter()
@@ -79,9 +109,10 @@ def fit(model, recipe: Recipe, train_x, train_y, test_x, test_y, *, hflip: bool,
         lr = optimizer.param_groups[0]["lr"]
         with tqdm(total=len(batches), desc=f"epoch {epoch}/{recipe.epochs}", unit="batch",
                   leave=False, disable=not sys.stderr.isatty()) as progress:
-            train_loss, last_loss = train_epoch(model, optimizer, train_x, train_y, batches, flip, progress, amp)
-        if scheduler is not None:
-            scheduler.step(last_loss)  # as tutorial 001: on the epoch's last batch loss
+            train_loss, last_loss = train_epoch(model, optimizer, train_x, train_y, batches, flip, progress, amp,
+                                                apply_augment, recipe.label_smoothing, per_batch)
+        if plateau is not None:
+            plateau.step(last_loss)  # as tutorial 001: on the epoch's last batch loss
         test_loss, test_acc = score(predict_logits(model, test_x, eval_batch_size), test_y)
         row = dict(epoch=epoch, train_loss=train_loss, test_loss=test_loss, test_accuracy=test_acc,
                    lr=lr, seconds=time.perf_counter() - start)
@@ -104,8 +135,6 @@ def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=pri
     """Train one model; returns its checkpoint (a dict that torch.load(weights_only=True) reads back)."""
     recipe = params.recipe(arch)
     device = pick_device(params.device, params_file)
-    if params.train.threads:
-        torch.set_num_threads(params.train.threads)
     torch.manual_seed(params.seed)
     mean, std = params.normalization(dataset, arch)
     train_images, train_labels = load_split(data_dir, "train")
@@ -121,11 +150,14 @@ def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=pri
         train_x, test_x = (t.contiguous(memory_format=torch.channels_last) for t in (train_x, test_x))
     amp = amp_dtype(params.train.amp, device)
     precision = precision_label(amp)
-    log(f"training {arch} on {dataset} ({len(train_x)} images) on {device} ({precision}): {recipe.optimizer} "
-        f"lr {recipe.lr} batch {recipe.batch_size} epochs {recipe.epochs}")
+    threads = torch.get_num_threads() if device.type == "cpu" else None
+    log(f"training {arch} on {dataset} ({len(train_x)} images) on {device} ({precision}"
+        f"{f', {threads} threads' if threads else ''}): {recipe.optimizer} lr {recipe.lr} batch {recipe.batch_size} "
+        f"epochs {recipe.epochs}")
     start = time.perf_counter()
     history = fit(model, recipe, train_x, train_y, test_x, test_y, hflip=params.hflip(dataset, arch),
-                  seed=params.seed, eval_batch_size=params.train.eval_batch_size, amp=amp, log=log)
+                  seed=params.seed, eval_batch_size=params.train.eval_batch_size, amp=amp,
+                  augment=params.augment(dataset, arch), background=-mean / std, log=log)
     train_time = time.perf_counter() - start
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return {
@@ -137,11 +169,13 @@ def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=pri
         "normalization": {"mean": mean, "std": std},
         "preprocess": params.datasets[dataset].preprocess,
         "params": {"seed": params.seed, "device": params.device, "recipe": recipe.model_dump(),
-                   "hflip": params.hflip(dataset, arch), "data": params.data.model_dump(),
+                   "hflip": params.hflip(dataset, arch), "augment": params.augment(dataset, arch).model_dump(),
+                   "data": params.data.model_dump(),
                    "train": params.train.model_dump()},
         "history": history,
         "train_time_s": train_time,
         "device": device_name(device),
         "precision": precision,
+        "threads": threads,
         "torch_version": str(torch.__version__),
     }

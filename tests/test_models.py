@@ -4,8 +4,17 @@ import torch
 from pipeline.models import MODELS, create_model, list_models
 
 
-def test_registry_has_the_four_reference_architectures():
-    assert list_models() == ["softmax", "mlp", "simple_cnn", "cnn"]
+def test_registry_has_the_four_reference_architectures_and_the_tuned_one():
+    assert list_models() == ["softmax", "mlp", "simple_cnn", "cnn", "tuned_cnn"]
+    assert [name for name, cls in MODELS.items() if getattr(cls, "tuned", False)] == ["tuned_cnn"]
+
+
+@pytest.mark.parametrize("hidden", [0, 256])
+def test_tuned_cnn_heads(hidden):
+    model = create_model("tuned_cnn", width=8, hidden=hidden, dropout=0.3).eval()
+    assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+    fc = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [f.in_features for f in fc] == ([32 * 7 * 7, hidden] if hidden else [32])
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -27,7 +36,7 @@ def test_training_mode_batch_of_seven(name):
 
 
 def test_unknown_name_lists_valid_ones():
-    with pytest.raises(ValueError, match="unknown architecture 'resnet'; choose one of softmax, mlp, simple_cnn, cnn"):
+    with pytest.raises(ValueError, match="unknown architecture 'resnet'; choose one of softmax, mlp, simple_cnn, cnn, tuned_cnn"):
         create_model("resnet")
 
 

@@ -25,8 +25,21 @@ def with_change(path: str, value=None, delete=False):
 
 def test_repository_params_are_valid():
     params = load_params(ROOT / "params.yaml")
-    assert set(params.recipes) == {"softmax", "mlp", "simple_cnn", "cnn"}
+    assert set(params.recipes) == {"softmax", "mlp", "simple_cnn", "cnn", "tuned_cnn"}
     assert params.recipe("cnn").scheduler is not None and params.recipe("cnn").batch_size == 100
+
+
+def test_augmentation_follows_the_data_set_properties():
+    params = load_params(ROOT / "params.yaml")
+    digits, clothes = params.augment("mnist", "tuned_cnn"), params.augment("fashion-mnist", "tuned_cnn")
+    # digits: warped (handwriting varies in pose), never erased (a hidden stroke changes the digit)
+    assert digits.rotate > 0 and digits.shear > 0 and digits.scale > 0 and digits.erase == 0
+    # clothes: erased (an occluded shirt is still a shirt), never warped (catalogue photos are upright)
+    assert clothes.erase > 0 and clothes.rotate == clothes.shear == clothes.scale == 0
+    assert digits.translate == clothes.translate > 0
+    assert (params.hflip("mnist", "tuned_cnn"), params.hflip("fashion-mnist", "tuned_cnn")) == (False, True)
+    # the reference recipes get none
+    assert params.augment("mnist", "cnn") == params.augment("fashion-mnist", "cnn") == type(digits)()
 
 
 def test_epochs_override_replaces_every_recipe():
@@ -37,7 +50,7 @@ def test_epochs_override_replaces_every_recipe():
 
 @pytest.mark.parametrize("path, value, delete, message", [
     ("recipes.resnet", RAW["recipes"]["cnn"], False,
-     "recipes: Value error, unknown architecture 'resnet'; allowed: softmax, mlp, simple_cnn, cnn"),
+     "recipes: Value error, unknown architecture 'resnet'; allowed: softmax, mlp, simple_cnn, cnn, tuned_cnn"),
     ("datasets.cifar", RAW["datasets"]["mnist"], False,
      "datasets: Value error, unknown dataset 'cifar'; allowed: mnist, fashion-mnist"),
     ("seed", None, True, "seed: Field required"),
@@ -53,6 +66,11 @@ def test_epochs_override_replaces_every_recipe():
     ("recipes.mlp.model_args", {"dropout": "0.2"}, False, "dropout must be a number in [0, 1) (got '0.2')"),
     ("data.train_limit", 50, False, "data.train_limit: 50 is smaller than recipes.softmax.batch_size (100)"),
     ("recipes.cnn.epochs_", 3, False, "recipes.cnn.epochs_: Extra inputs are not permitted"),
+    ("recipes.tuned_cnn.augment.erase", 1.5, False,
+     "recipes.tuned_cnn.augment.erase: Input should be less than or equal to 1 (got 1.5)"),
+    ("recipes.tuned_cnn.scheduler", {"kind": "cosine"}, False, "recipes.tuned_cnn.scheduler"),
+    ("recipes.tuned_cnn.model_args", {"width": 0}, False, "width must be an integer from 1 to 4096 (got 0)"),
+    ("datasets.mnist.pose_varies", None, True, "datasets.mnist.pose_varies: Field required"),
 ])
 def test_bad_params_name_the_key(path, value, delete, message):
     with pytest.raises(PipelineError) as err:

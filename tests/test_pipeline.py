@@ -163,3 +163,52 @@ def test_a_missing_remote_is_dvcs_own_error(pushed, tmp_path):
     assert dvc("remote", "modify", "team", "url", str(tmp_path / "gone"), cwd=clone, env=env).returncode == 0
     result = dvc("pull", "artifacts/cnn.onnx", cwd=clone, env=env)
     assert result.returncode != 0 and "ERROR" in result.stderr and not (clone / "artifacts" / "cnn.onnx").exists()
+
+
+def experiments(shown: list) -> list[dict]:
+    """Every experiment row (name, params.yaml, metrics) in `dvc exp show --json` output."""
+    rows = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            data = node.get("data")
+            if isinstance(data, dict) and "params" in data and node.get("name"):
+                rows.append({"name": node["name"], "params": data["params"]["params.yaml"]["data"],
+                             "metrics": {f: m.get("data", {}) for f, m in (data.get("metrics") or {}).items()}})
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+    walk(shown)
+    return rows
+
+
+def test_a_queued_sweep_runs_in_parallel_workers_and_shows_in_exp_show(pushed):
+    """The README's sweep: a grid queued with -S, two workers of one thread each, compared in dvc exp show."""
+    import time
+
+    root, env = pushed
+    queued = dvc("exp", "run", "--queue", "-S", "recipes.tuned_cnn.lr=0.05,0.2", "evaluate@mnist-tuned_cnn",
+                 cwd=root, env=env)
+    assert queued.returncode == 0, queued.stderr
+    started = dvc("queue", "start", "-j", "2", cwd=root, env=dict(env, OMP_NUM_THREADS="1"))
+    assert started.returncode == 0, started.stderr
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = dvc("queue", "status", cwd=root, env=env).stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            break
+        time.sleep(2)
+    assert "Success" in status and "Failed" not in status, status
+    shown = dvc("exp", "show", "--json", cwd=root, env=env)
+    assert shown.returncode == 0, shown.stderr
+    rows = [r for r in experiments(json.loads(shown.stdout)) if r["params"]["recipes"]["tuned_cnn"]["lr"] in (0.05, 0.2)]
+    assert sorted(r["params"]["recipes"]["tuned_cnn"]["lr"] for r in rows) == [0.05, 0.2]
+    for row in rows:
+        metrics = row["metrics"]["reports/mnist/tuned_cnn/metrics.json"]
+        assert 10 < metrics["accuracy"] <= 100 and metrics["epochs"] == 1
+        assert all(isinstance(v, (int, float)) for m in row["metrics"].values() for v in m.values())
+        log = dvc("queue", "logs", row["name"], cwd=root, env=env).stdout
+        assert "1 threads)" in log  # the worker's OMP_NUM_THREADS reached the training stage
+        assert "Running stage 'train@mnist-tuned_cnn'" in log and "Running stage 'train@mnist-cnn'" not in log

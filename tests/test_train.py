@@ -22,12 +22,6 @@ def test_epoch_batches_cover_a_permutation():
     assert [len(b) for b in tr.epoch_batches(10, 4, drop_last=True, generator=g)] == [4, 4]
 
 
-def test_random_hflip_flips_only_masked_images():
-    x = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).reshape(2, 1, 2, 3)
-    out = tr.random_hflip(x, torch.tensor([True, False]))
-    assert torch.equal(out[0], x[0].flip(-1)) and torch.equal(out[1], x[1])
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["mlp", "cnn", "simple_cnn"])
 def test_fast_loop_matches_reference_loop(arch, params, data_root):
@@ -114,6 +108,35 @@ def test_checkpoint_rebuilds_the_model(arch, params, data_root, tmp_path):
     fresh = create_model(arch, **raw["model_args"]).eval()
     fresh.load_state_dict(raw["state_dict"])
     torch.testing.assert_close(model(x), fresh(x))
+
+
+def test_tuned_recipe_trains_with_its_schedule_and_the_data_sets_augmentation(params, data_root):
+    quick = quick_params(params, epochs=3, train_limit=1000)
+    for dataset, flips in (("mnist", False), ("fashion-mnist", True)):
+        ckpt = tr.train(quick, dataset, "tuned_cnn", data_root / dataset, log=lambda m: None)
+        lrs = [row["lr"] for row in ckpt["history"]]
+        assert lrs[0] < lrs[1] > lrs[2]  # one cycle: warm-up past the peak within epoch 1 of 3, then down
+        assert lrs[0] == pytest.approx(params.recipes["tuned_cnn"].lr / 25)
+        assert ckpt["params"]["augment"] == params.augment(dataset, "tuned_cnn").model_dump()
+        assert ckpt["params"]["hflip"] is flips
+
+
+def test_threads_come_from_the_environment_not_from_params(params, data_root, tmp_path):
+    """OMP_NUM_THREADS sets torch's threads (queued experiments set it per worker); no train param does."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    assert "threads" not in type(params.train).model_fields
+    code = ("import torch; from pipeline.training import train; from pipeline.params import load_params; "
+            "from tests.conftest import quick_params; "
+            f"ckpt = train(quick_params(load_params({str(ROOT / 'params.yaml')!r}), 1, 200), 'mnist', 'softmax', "
+            f"{str(data_root / 'mnist')!r}); print('threads', ckpt['threads'])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}).stdout
+    assert "(fp32, 1 threads)" in out or "(bf16, 1 threads)" in out
+    assert out.strip().endswith("threads 1")
 
 
 def test_history_has_one_row_per_epoch(params, data_root):
