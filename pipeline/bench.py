@@ -199,8 +199,6 @@ def cold_infer(model_path: Path, runs: int) -> dict:
 def main(data_dir, dataset, archs, steps, repeats, device_choice, infer_model, out) -> None:
     params = load_params()
     device = pick_device(device_choice, "--device")
-    if params.train.threads:
-        torch.set_num_threads(params.train.threads)
     archs = list(archs) or list(MODELS)
     env = {"device": device_name(device),
            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}

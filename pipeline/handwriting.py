@@ -11,10 +11,10 @@ import click
 import numpy as np
 from PIL import Image
 
-from pipeline.classifier import Classifier, ModelError
+from pipeline.classifier import Classifier
 from pipeline.common import table
 from pipeline.infer import BadUsage
-from pipeline.robustness import CANVAS, enlarge, place, predictions
+from pipeline.robustness import CANVAS, digit_classifier, enlarge, place, predictions
 
 MNIST_BOX = 20  # MNIST digits fill a 20x20 box: one MNIST pixel is max(side) / 20 pixels of the drawn digit
 
@@ -137,15 +137,7 @@ def formatted(rows: list[dict], names: list[str]) -> str:
 def main(model_paths, data_dir, count, seed) -> None:
     from pipeline.datasets import load_split
 
-    classifiers = {}
-    for path in model_paths:
-        try:
-            clf = Classifier(path)
-        except ModelError as e:
-            raise BadUsage(f"{path}: {e}") from None
-        if clf.info.preprocess != "digit":
-            raise BadUsage(f"{path}: a {clf.info.dataset} model; this measurement uses MNIST digits")
-        classifiers[path.stem] = clf
+    classifiers = {path.stem: digit_classifier(path) for path in model_paths}
     if len(classifiers) < len(model_paths):
         raise BadUsage("--model: give each model once (and models with different file names)")
     images, labels = load_split(data_dir, "test")

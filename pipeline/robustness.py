@@ -110,6 +110,17 @@ def measure(clf: Classifier, images: np.ndarray, labels: np.ndarray, seed: int =
     return rows
 
 
+def digit_classifier(path: Path) -> Classifier:
+    """The Classifier of an MNIST model, or the one-line usage error these measurements exit with."""
+    try:
+        clf = Classifier(path)
+    except ModelError as e:
+        raise BadUsage(f"{path}: {e}") from None
+    if clf.info.preprocess != "digit":
+        raise BadUsage(f"{path}: a {clf.info.dataset} model; this measurement uses MNIST digits")
+    return clf
+
+
 def formatted(rows: list[dict]) -> str:
     return table([r | {"agreement": f"{r['agreement']:.1f}%", "accuracy": f"{100 * r['accuracy']:.1f}%",
                        "failed": r.get("failed", 0)} for r in rows],
@@ -128,12 +139,7 @@ def formatted(rows: list[dict]) -> str:
 def main(model_path, data_dir, count, seed, threshold) -> None:
     from pipeline.datasets import load_split
 
-    try:
-        clf = Classifier(model_path)
-    except ModelError as e:
-        raise BadUsage(f"{model_path}: {e}") from None
-    if clf.info.preprocess != "digit":
-        raise BadUsage(f"{model_path}: a {clf.info.dataset} model; this measurement uses MNIST digits")
+    clf = digit_classifier(model_path)
     images, labels = load_split(data_dir, "test")
     rows = measure(clf, images[:count], labels[:count], seed)
     print(f"{model_path} ({clf.info.architecture} on {clf.info.dataset}), first {len(images[:count])} "

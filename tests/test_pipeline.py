@@ -55,6 +55,10 @@ def test_repro_trains_evaluates_and_exports_every_model(quick_project):
             assert ckpt["params"]["recipe"]["epochs"] == 1 and ckpt["params"]["data"]["train_limit"] == 2000
             metrics = json.loads((root / "reports" / dataset / arch / "metrics.json").read_text())
             assert 10 < metrics["accuracy"] <= 100 and metrics["epochs"] == 1
+            assert all(isinstance(v, (int, float)) for v in metrics.values())  # numbers only
+            run = json.loads((root / "reports" / dataset / arch / "run.json").read_text())
+            assert run["device"] == "cpu" and run["precision"] in ("fp32", "bf16")
+            assert (root / "reports" / dataset / arch / "mistakes.png").read_bytes()[:4] == b"\x89PNG"
             per_class = json.loads((root / "reports" / dataset / arch / "classes.json").read_text())
             assert len(per_class["accuracy"]) == 10 and len(per_class["confusion_matrix"]) == 10
             assert sum(map(sum, per_class["confusion_matrix"])) == 10000
@@ -87,6 +91,7 @@ def test_dvc_metrics_and_plots(quick_project):
             assert f'"text": "{arch} on {dataset} - test accuracy (%) by epoch"' in html
             assert f'"text": "{arch} on {dataset} - confusion matrix"' in html
             assert f"reports/{dataset}/{arch}/report.png" in html
+            assert f"reports/{dataset}/{arch}/mistakes.png" in html
     for title in ("MNIST", "Fashion-MNIST"):
         assert f'"text": "{title} - training and test loss by epoch"' in html
 
@@ -192,8 +197,11 @@ def test_a_queued_sweep_runs_in_parallel_workers_and_shows_in_exp_show(pushed):
     queued = dvc("exp", "run", "--queue", "-S", "recipes.tuned_cnn.lr=0.05,0.2", "evaluate@mnist-tuned_cnn",
                  cwd=root, env=env)
     assert queued.returncode == 0, queued.stderr
-    started = dvc("queue", "start", "-j", "2", cwd=root, env=dict(env, OMP_NUM_THREADS="1"))
-    assert started.returncode == 0, started.stderr
+    # the workers it starts are daemons that keep its stdout open: captured, the call would wait for them
+    started = subprocess.run([str(Path(sys.executable).with_name("dvc")), "queue", "start", "-j", "2"], cwd=root,
+                             env=dict(env, OMP_NUM_THREADS="1"), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, timeout=120)
+    assert started.returncode == 0
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         status = dvc("queue", "status", cwd=root, env=env).stdout

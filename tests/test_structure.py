@@ -72,6 +72,7 @@ def test_top_level_loss_plots_cover_every_trained_model():
 
 
 def test_inference_path_imports_no_torch_module():
-    torch_modules = {"models", "tensors", "training", "conversion", "params", "train", "evaluate", "export", "bench"}
-    for module in ("classifier", "infer", "images", "metadata", "runtime"):
+    torch_modules = {"models", "tensors", "training", "augment", "conversion", "params", "train", "evaluate", "export",
+                     "bench"}
+    for module in ("classifier", "infer", "images", "metadata", "runtime", "serve", "robustness", "handwriting"):
         assert not closure(module) & torch_modules, module
