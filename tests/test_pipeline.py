@@ -55,7 +55,7 @@ def test_repro_trains_evaluates_and_exports_every_model(quick_project):
             assert ckpt["params"]["recipe"]["epochs"] == 1 and ckpt["params"]["data"]["train_limit"] == 2000
             metrics = json.loads((root / "reports" / dataset / arch / "metrics.json").read_text())
             assert 10 < metrics["accuracy"] <= 100 and metrics["epochs"] == 1
-            assert all(isinstance(v, (int, float)) for v in metrics.values())  # numbers only
+            assert numeric(metrics) and numeric(json.loads((root / "reports" / dataset / arch / "parity.json").read_text()))
             run = json.loads((root / "reports" / dataset / arch / "run.json").read_text())
             assert run["device"] == "cpu" and run["precision"] in ("fp32", "bf16")
             assert (root / "reports" / dataset / arch / "mistakes.png").read_bytes()[:4] == b"\x89PNG"
@@ -170,6 +170,13 @@ def test_a_missing_remote_is_dvcs_own_error(pushed, tmp_path):
     assert result.returncode != 0 and "ERROR" in result.stderr and not (clone / "artifacts" / "cnn.onnx").exists()
 
 
+def numeric(value) -> bool:
+    """A number, or a dict whose leaves are all numbers."""
+    if isinstance(value, dict):
+        return all(map(numeric, value.values()))
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def experiments(shown: list) -> list[dict]:
     """Every experiment row (name, params.yaml, metrics) in `dvc exp show --json` output."""
     rows = []
@@ -216,7 +223,7 @@ def test_a_queued_sweep_runs_in_parallel_workers_and_shows_in_exp_show(pushed):
     for row in rows:
         metrics = row["metrics"]["reports/mnist/tuned_cnn/metrics.json"]
         assert 10 < metrics["accuracy"] <= 100 and metrics["epochs"] == 1
-        assert all(isinstance(v, (int, float)) for m in row["metrics"].values() for v in m.values())
+        assert all(map(numeric, row["metrics"].values()))  # every metrics file: numbers only
         log = dvc("queue", "logs", row["name"], cwd=root, env=env).stdout
         assert "1 threads)" in log  # the worker's OMP_NUM_THREADS reached the training stage
         assert "Running stage 'train@mnist-tuned_cnn'" in log and "Running stage 'train@mnist-cnn'" not in log
