@@ -16,6 +16,10 @@ import click
 LINE_BREAKING = {c: repr(chr(c))[1:-1] for c in [*range(32), 0x7F, 0x85, 0x2028, 0x2029]}
 
 
+DISTRIBUTION = "digitlens"  # the installed package's name, for --version
+USAGE = 2  # exit status of a bad command line, as click's
+
+
 class PipelineError(Exception):
     """An expected failure (bad params, bad data, bad file) reported as one line, no traceback."""
 
@@ -38,6 +42,16 @@ def shown(name: str | bytes | os.PathLike) -> str:
 def one_line(text: str) -> str:
     """`text` with every character that would break or rewrite its line escaped, e.g. '\\n', '\\x1b'."""
     return text.translate(LINE_BREAKING)
+
+
+class BadUsage(click.ClickException):
+    """A bad command line, model or option value of a user-facing command: reported as the one line
+    'Error: ...' (no usage text, unlike click.UsageError), exit status USAGE."""
+
+    exit_code = USAGE
+
+    def __init__(self, message: str):
+        super().__init__(one_line(shown(message)))
 
 
 def umask() -> int:

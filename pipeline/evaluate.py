@@ -71,16 +71,17 @@ def plot_mistakes(ckpt: dict, images: np.ndarray, labels: np.ndarray, probs: np.
     """A grid of the test images the model gets wrong with the highest confidence, the true and the predicted
     class (with its probability) under each."""
     classes = [c.split(" - ")[0] for c in ckpt["class_names"]]
+    pred = probs.argmax(1)
     picked = most_confident_mistakes(labels, probs, rows * cols)
-    wrong = int((probs.argmax(1) != labels).sum())
+    wrong = int((pred != labels).sum())
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows + 0.6))
     for ax, i in zip(axes.flat, [*picked, *[None] * (rows * cols - len(picked))]):
         ax.axis("off")
         if i is None:
             continue
-        pred = int(probs[i].argmax())
         ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"#{i}  true {classes[labels[i]]}\npred {classes[pred]} {100 * probs[i, pred]:.0f}%", fontsize=8)
+        ax.set_title(f"#{i}  true {classes[labels[i]]}\npred {classes[pred[i]]} {100 * probs[i, pred[i]]:.0f}%",
+                     fontsize=8)
     fig.suptitle(f"{ckpt['arch']} on {ckpt['dataset']}: the {len(picked)} most confident of its {wrong} mistakes "
                  f"on the {len(labels):,} test images (#index in the test split)", fontsize=10)
     fig.tight_layout()

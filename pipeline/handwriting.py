@@ -12,8 +12,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.classifier import Classifier
-from pipeline.common import table
-from pipeline.infer import BadUsage
+from pipeline.common import BadUsage, table
 from pipeline.robustness import CANVAS, digit_classifier, enlarge, place, predictions
 
 MNIST_BOX = 20  # MNIST digits fill a 20x20 box: one MNIST pixel is max(side) / 20 pixels of the drawn digit
@@ -21,13 +20,12 @@ MNIST_BOX = 20  # MNIST digits fill a 20x20 box: one MNIST pixel is max(side) / 
 
 def stroke(big: np.ndarray, mnist_px: float) -> np.ndarray:
     """Strokes made thicker (mnist_px > 0) or thinner (< 0) by about |mnist_px| MNIST pixels in all: a max (or
-    min) filter over a disc of radius mnist_px / 2 at the drawn digit's scale."""
+    min) filter over a disc of radius mnist_px / 2 at the drawn digit's scale, the canvas grown by the radius."""
     radius = max(1, round(abs(mnist_px) / 2 * max(big.shape) / MNIST_BOX))
-    pad = np.pad(big, radius)
-    h, w = pad.shape
-    padded = np.pad(pad, radius)
+    padded = np.pad(big, 2 * radius)  # the radius to grow into, and the filter's reach beyond it
+    h, w = big.shape[0] + 2 * radius, big.shape[1] + 2 * radius
     op = np.maximum if mnist_px > 0 else np.minimum
-    out = pad.copy()
+    out = padded[radius:radius + h, radius:radius + w]
     for dy in range(-radius, radius + 1):
         for dx in range(-radius, radius + 1):
             if dx * dx + dy * dy <= radius * radius:
@@ -35,10 +33,14 @@ def stroke(big: np.ndarray, mnist_px: float) -> np.ndarray:
     return out
 
 
+def redraw(big: np.ndarray, change: Callable[[Image.Image], Image.Image]) -> np.ndarray:
+    """`change` applied to the digit as a float image (bicubic resampling overshoots: clipped back to [0, 1])."""
+    return np.clip(np.asarray(change(Image.fromarray(big, "F"))), 0, 1)
+
+
 def rotate(big: np.ndarray, degrees: float) -> np.ndarray:
     """Turned counter-clockwise by `degrees` (clockwise when negative), the canvas grown to hold it."""
-    turned = Image.fromarray(big, "F").rotate(degrees, Image.Resampling.BICUBIC, expand=True)
-    return np.clip(np.asarray(turned), 0, 1)
+    return redraw(big, lambda im: im.rotate(degrees, Image.Resampling.BICUBIC, expand=True))
 
 
 def slant(big: np.ndarray, degrees: float) -> np.ndarray:
@@ -48,15 +50,13 @@ def slant(big: np.ndarray, degrees: float) -> np.ndarray:
     out_w = w + math.ceil(abs(k) * h)
     # output (x, y) reads input (x + k * y + c, y); c keeps the sheared digit inside the wider canvas
     data = (1, k, -k * h if k > 0 else 0, 0, 1, 0)
-    sheared = Image.fromarray(big, "F").transform((out_w, h), Image.Transform.AFFINE, data, Image.Resampling.BICUBIC)
-    return np.clip(np.asarray(sheared), 0, 1)
+    return redraw(big, lambda im: im.transform((out_w, h), Image.Transform.AFFINE, data, Image.Resampling.BICUBIC))
 
 
 def stretch(big: np.ndarray, factor: float) -> np.ndarray:
     """Width times `factor`, height unchanged."""
     h, w = big.shape
-    wide = Image.fromarray(big, "F").resize((max(1, round(w * factor)), h), Image.Resampling.BICUBIC)
-    return np.clip(np.asarray(wide), 0, 1)
+    return redraw(big, lambda im: im.resize((max(1, round(w * factor)), h), Image.Resampling.BICUBIC))
 
 
 VARIANTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -78,8 +78,7 @@ def fit_canvas(big: np.ndarray) -> np.ndarray:
     if max(h, w) <= CANVAS:
         return big
     s = CANVAS / max(h, w)
-    small = Image.fromarray(big, "F").resize((max(1, int(w * s)), max(1, int(h * s))), Image.Resampling.BICUBIC)
-    return np.clip(np.asarray(small), 0, 1)
+    return redraw(big, lambda im: im.resize((max(1, int(w * s)), max(1, int(h * s))), Image.Resampling.BICUBIC))
 
 
 def write_variants(images: np.ndarray, folder: Path, seed: int = 0) -> dict[str, list[Path]]:

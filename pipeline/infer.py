@@ -13,24 +13,14 @@ from pathlib import Path
 import click
 
 from pipeline.classifier import Classifier, ModelError, Result
-from pipeline.common import one_line, shown
+from pipeline.common import DISTRIBUTION, USAGE, BadUsage, one_line, shown
 from pipeline.images import FORMATS, PREPROCESSORS, ImageError, read_encoded
 from pipeline.runtime import DEVICES
 
 OUTPUT_FORMATS = ("text", "json", "csv")
 PROGRESS_MIN = 20  # files; fewer finish before a progress bar would tell anything
-USAGE, FAILED = 2, 1  # exit statuses: a bad command line or model; some files not classified
+FAILED = 1  # exit status when some files could not be classified (a bad command line or model: USAGE)
 STDIN = "-"
-DISTRIBUTION = "digitlens"
-
-
-class BadUsage(click.ClickException):
-    """Reported as the one line 'Error: ...' (no usage text, unlike click.UsageError), exit status 2."""
-
-    exit_code = USAGE
-
-    def __init__(self, message: str):
-        super().__init__(one_line(shown(message)))
 
 
 def image_extensions() -> set[str]:

@@ -10,8 +10,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.classifier import Classifier, ModelError
-from pipeline.common import table
-from pipeline.infer import BadUsage
+from pipeline.common import BadUsage, table
 
 CANVAS = 200  # pixels; the digit is drawn DRAWN_SIDE pixels tall or wide, off-centre
 DRAWN_SIDE = (100, 140)

@@ -14,10 +14,9 @@ import click
 import numpy as np
 
 from pipeline.classifier import Classifier, Result
-from pipeline.common import first_line
+from pipeline.common import DISTRIBUTION, BadUsage, first_line, shown
 from pipeline.datasets import IMAGE_SIZE
 from pipeline.images import ImageError
-from pipeline.infer import DISTRIBUTION, BadUsage, shown
 from pipeline.runtime import DEVICES, ModelError
 
 try:

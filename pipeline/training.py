@@ -48,13 +48,16 @@ def augmenter(augment: Augment, background: float, generator: torch.Generator):
     return apply
 
 
+def batches_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
 def epoch_batches(n: int, batch_size: int, drop_last: bool, generator: torch.Generator,
                   device: torch.device | None = None) -> list[torch.Tensor]:
     """Index slices of one shuffled permutation, as the reference recipes' DataLoader(shuffle=True) yields them.
     The permutation is drawn on the CPU (reproducible everywhere) and moved to `device` once."""
     perm = torch.randperm(n, generator=generator).to(device)
-    stop = n - n % batch_size if drop_last else n
-    return [perm[i:i + batch_size] for i in range(0, stop, batch_size)]
+    return [perm[i * batch_size:(i + 1) * batch_size] for i in range(batches_per_epoch(n, batch_size, drop_last))]
 
 
 def train_epoch(model, optimizer, x, y, batches, flip=None, progress=None, amp: torch.dtype | None = None,
@@ -94,7 +97,7 @@ def fit(model, recipe: Recipe, train_x, train_y, test_x, test_y, *, hflip: bool,
     optimizer = make_optimizer(model, recipe)
     plateau = per_batch = None
     if isinstance(recipe.scheduler, OneCycle):
-        steps = len(epoch_batches(len(train_x), recipe.batch_size, recipe.drop_last, torch.Generator()))
+        steps = batches_per_epoch(len(train_x), recipe.batch_size, recipe.drop_last)
         per_batch = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=recipe.lr, epochs=recipe.epochs, steps_per_epoch=steps,
             **recipe.scheduler.model_dump(exclude={"kind"}))

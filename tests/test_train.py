@@ -138,7 +138,7 @@ def test_threads_come_from_the_environment_not_from_params(params, data_root, tm
             f"{str(data_root / 'mnist')!r}); print('threads', ckpt['threads'])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}).stdout
-    assert "(fp32, 1 threads)" in out or "(bf16, 1 threads)" in out
+    assert "(fp32, 1 threads)" in out or "(bf16 autocast, 1 threads)" in out
     assert out.strip().endswith("threads 1")
 
 
