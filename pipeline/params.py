@@ -132,7 +132,7 @@ class DataParams(Strict):
 
 class TrainParams(Strict):
     epochs: int | None = Field(None, gt=0)  # quick runs: replaces every recipe's epoch count
-    eval_batch_size: int = Field(1000, gt=0)
+    eval_batch_size: int = Field(100, gt=0)
     channels_last: bool = True  # NHWC memory format for the convolutional models
     # bfloat16 autocast of the training forward pass (weights, optimiser and evaluation stay float32):
     # auto = where the device computes bf16 natively (oneDNN on the CPU, CUDA with bf16), else off
