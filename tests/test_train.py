@@ -11,7 +11,7 @@ from pipeline.common import PipelineError
 from pipeline.datasets import load_split
 from pipeline.models import create_model, list_models, load_checkpoint, save_checkpoint
 from pipeline.params import OneCycle
-from pipeline.tensors import amp_dtype, pick_device, to_inputs
+from pipeline.tensors import amp_dtype, pick_device, precision_label, to_inputs
 from tests.conftest import quick_params
 
 
@@ -138,7 +138,7 @@ def test_threads_come_from_the_environment_not_from_params(params, data_root, tm
             f"{str(data_root / 'mnist')!r}); print('threads', ckpt['threads'])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}).stdout
-    assert "(fp32, 1 threads)" in out or "(bf16 autocast, 1 threads)" in out
+    assert f"({precision_label(amp_dtype('auto', torch.device('cpu')))}, 1 threads)" in out
     assert out.strip().endswith("threads 1")
 
 
