@@ -49,7 +49,6 @@ def augmenter(augment: Augment, background: float, generator: torch.Generator):
 
 
 def batches_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
-    """How many batches an epoch of `n` images has: the incomplete last one dropped or counted."""
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
