@@ -15,10 +15,9 @@ import onnx
 import torch
 from torch import nn
 
+from digitlens.metadata import IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME, ModelInfo
+from digitlens.runtime import onnx_session
 from pipeline.common import PipelineError
-from pipeline.datasets import IMAGE_SIZE
-from pipeline.metadata import INPUT_NAME, INPUT_SPEC, OUTPUT_NAME, ModelInfo
-from pipeline.runtime import onnx_session
 
 OPSET = 20
 TOLERANCE = 1e-4  # largest absolute logit difference allowed between PyTorch and an export
@@ -48,7 +47,7 @@ def torchscript_bytes(scripted: torch.jit.ScriptModule, info: ModelInfo) -> byte
 
 
 def to_onnx(model: nn.Module, info: ModelInfo) -> onnx.ModelProto:
-    """A self-contained ONNX model with a dynamic batch dimension and the card in metadata_props."""
+    """A self-contained ONNX model with a dynamic batch dimension and the model's facts in metadata_props."""
     example = torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE)
     logging.getLogger("torch.onnx").setLevel(logging.WARNING)
     program = torch.onnx.export(
@@ -109,19 +108,3 @@ def export(model: nn.Module, info: ModelInfo, x: np.ndarray, batch_size: int) ->
 def export_id(checkpoint: str | os.PathLike) -> str:
     """The id both exports of one checkpoint carry (and its model card): the checkpoint's SHA-256, shortened."""
     return hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:16]
-
-
-def model_info(ckpt: dict, test_accuracy: float, export: str) -> ModelInfo:
-    """The metadata of an export of `ckpt`, a checkpoint written by the train stage."""
-    return ModelInfo(
-        dataset=ckpt["dataset"],
-        architecture=ckpt["arch"],
-        class_names=list(ckpt["class_names"]),
-        mean=float(ckpt["normalization"]["mean"]),
-        std=float(ckpt["normalization"]["std"]),
-        preprocess=ckpt["preprocess"],
-        test_accuracy=float(test_accuracy),
-        params=ckpt["params"] | {"model_args": ckpt["model_args"]},
-        input=dict(INPUT_SPEC),
-        export_id=export,
-    )

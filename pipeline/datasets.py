@@ -11,15 +11,16 @@ from pipeline.common import PipelineError
 
 SPLITS = {"train": "train", "test": "t10k"}  # split -> the prefix of its files
 SPLIT_SIZES = {"train": 60_000, "test": 10_000}  # images per split, the same in both data sets
-IMAGE_SIZE = 28  # both data sets: 28x28 grey images
-# How users' images are brought to a data set's form (params.yaml `datasets.<name>.preprocess`, a model's
-# metadata): the names of the functions in images.py that do it.
-PREPROCESSING = ("digit", "fashion")
+
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
     classes: list[str]  # in label order
+    short_classes: list[str]  # the same, short enough to label a plot's axis
     urls: list[str]  # the official hosts, as torchvision lists them
     sha256: dict[str, str]  # decompressed IDX file name -> SHA-256 of its content
     torchvision_class: str  # torchvision.datasets class of the same data (the benchmark's reference loop)
@@ -29,6 +30,7 @@ DATASETS: dict[str, DatasetInfo] = {
     "mnist": DatasetInfo(
         classes=["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", "6 - six", "7 - seven",
                  "8 - eight", "9 - nine"],
+        short_classes=[str(i) for i in range(10)],
         urls=["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"],
         sha256={
             "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
@@ -39,8 +41,8 @@ DATASETS: dict[str, DatasetInfo] = {
         torchvision_class="MNIST",
     ),
     "fashion-mnist": DatasetInfo(
-        classes=["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                 "Ankle boot"],
+        classes=FASHION_CLASSES,
+        short_classes=FASHION_CLASSES,
         urls=["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
         sha256={
             "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",

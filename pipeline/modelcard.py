@@ -1,7 +1,7 @@
 """The model card: a short Markdown page the export stage writes beside each model, from its own metadata."""
 from __future__ import annotations
 
-from pipeline.metadata import INPUT_SPEC, ModelInfo
+from digitlens.metadata import ModelInfo
 
 DATASET_TITLES = {"mnist": "MNIST (handwritten digits)", "fashion-mnist": "Fashion-MNIST (clothing photos)"}
 USES = {
@@ -53,7 +53,7 @@ def model_card(name: str, info: ModelInfo, per_class: dict[str, float], parity: 
         f"- Export id: `{info.export_id}` (the same in both files)",
         f"- Test accuracy: **{info.test_accuracy:.2f} %** on the {parity['images']:,} test images",
         f"- Recipe: {recipe_text(info.params)}",
-        f"- Input: float32 `({', '.join(map(str, INPUT_SPEC['shape']))})`, pixels in [0, 1] light on dark, "
+        f"- Input: float32 `({', '.join(map(str, info.input['shape']))})`, pixels in [0, 1] light on dark, "
         f"then `(x - {info.mean:g}) / {info.std:g}`;"
         f" output `{info.output}`: logits over {len(info.class_names)} classes",
         f"- Preprocessing of users' images: `{info.preprocess}`",
@@ -77,7 +77,7 @@ def model_card(name: str, info: ModelInfo, per_class: dict[str, float], parity: 
         "## Use",
         "",
         "```python",
-        "from pipeline import Classifier",
+        "from digitlens import Classifier",
         f'clf = Classifier("artifacts/{name}.onnx")',
         'print(clf.predict("image.png").top)',
         "```",

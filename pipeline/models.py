@@ -1,14 +1,15 @@
 """The architectures, looked up by name in a registry (the four of the reference recipes and the tuned one),
-and their checkpoints."""
+and their checkpoints: the weights beside the model's facts (ModelInfo), which rebuild it."""
 from __future__ import annotations
 
 import os
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from digitlens.metadata import IMAGE_SIZE, ModelInfo
 from pipeline.common import PipelineError, atomic_path
-from pipeline.datasets import IMAGE_SIZE
 
 MODELS: dict[str, type[nn.Module]] = {}
 
@@ -151,20 +152,48 @@ class TunedCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> None:
-    """Write a checkpoint (plain tensors, numbers, strings: torch.load(weights_only=True) reads it back)."""
+@dataclass(frozen=True)
+class RunFacts:
+    """How long and where a model trained: its device, precision, CPU threads and torch version."""
+
+    train_time_s: float
+    device: str
+    precision: str
+    threads: int | None
+    torch_version: str
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What the train stage writes and every later stage reads: the facts, the weights, the per-epoch history."""
+
+    info: ModelInfo
+    state_dict: dict[str, torch.Tensor]
+    history: list[dict]
+    run: RunFacts
+
+    def model(self) -> nn.Module:
+        """The trained model, rebuilt from its facts, in eval mode."""
+        model = create_model(self.info.architecture, num_classes=len(self.info.class_names), **self.info.model_args)
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> None:
+    """Write a checkpoint as plain tensors, numbers and strings (torch.load(weights_only=True) reads it back)."""
     with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+        torch.save({"info": ckpt.info.to_dict(), "state_dict": ckpt.state_dict, "history": ckpt.history,
+                    "run": asdict(ckpt.run)}, tmp)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a model from a checkpoint written by the train stage; the model is in eval mode."""
+def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, Checkpoint]:
+    """(the model in eval mode, its checkpoint) from a file written by the train stage."""
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        model = create_model(ckpt["arch"], num_classes=len(ckpt["class_names"]), **ckpt["model_args"])
-        model.load_state_dict(ckpt["state_dict"])
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = Checkpoint(ModelInfo(**raw["info"]), raw["state_dict"], raw["history"], RunFacts(**raw["run"]))
+        model = ckpt.model()
     except FileNotFoundError:
         raise PipelineError(f"{path}: no such checkpoint") from None
     except Exception as e:  # noqa: BLE001 - corrupt, truncated or foreign files
         raise PipelineError(f"{path}: not a valid checkpoint ({type(e).__name__}: {e})".splitlines()[0]) from None
-    return model.eval(), ckpt
+    return model, ckpt

@@ -10,8 +10,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.common import PipelineError, first_line
-from pipeline.datasets import DATASETS, PREPROCESSING, SPLIT_SIZES
+from digitlens.metadata import PREPROCESSING
+from digitlens.text import first_line
+from pipeline.common import PipelineError
+from pipeline.datasets import DATASETS, SPLIT_SIZES
 from pipeline.models import MODELS
 
 PARAMS_FILE = "params.yaml"
@@ -116,7 +118,7 @@ class DatasetParams(Strict):
     flip_invariant: bool  # a mirrored image keeps its label (clothes yes, digits no)
     pose_varies: bool  # images come rotated, slanted and scaled (handwriting yes, catalogue photos no)
     occlusion_invariant: bool  # a partly hidden image keeps its label (clothes yes; digits no: 8 -> 3)
-    preprocess: str  # how the Classifier brings a user's image to 28x28: one of datasets.PREPROCESSING
+    preprocess: str  # how the Classifier brings a user's image to 28x28: one of digitlens.metadata.PREPROCESSING
 
     @field_validator("preprocess")
     @classmethod

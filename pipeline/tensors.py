@@ -9,7 +9,7 @@ from torch import nn
 from pipeline.common import PipelineError
 
 
-def pick_device(choice: str, source: str = "params.yaml") -> torch.device:
+def pick_device(choice: str, source: str) -> torch.device:
     """The torch device for `choice` (auto | cpu | cuda); `source` names where the choice was made."""
     if choice == "cuda" and not torch.cuda.is_available():
         raise PipelineError(f"{source}: device: 'cuda' asked for, but torch sees no CUDA device; use 'auto' or 'cpu'")

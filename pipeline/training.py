@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from digitlens.metadata import ModelInfo
 from pipeline.augment import random_affine, random_erasing, random_hflip
 from pipeline.datasets import dataset_info, load_split
-from pipeline.models import create_model
-from pipeline.params import Augment, OneCycle, Params, Recipe
+from pipeline.models import Checkpoint, RunFacts, create_model
+from pipeline.params import PARAMS_FILE, Augment, OneCycle, Params, Recipe
 from pipeline.tensors import amp_dtype, device_name, pick_device, precision_label, predict_logits, score, to_inputs
 
 HISTORY_FIELDS = ["epoch", "train_loss", "test_loss", "test_accuracy", "lr", "seconds"]
@@ -134,8 +135,8 @@ def history_csv(history: list[dict]) -> str:
 
 
 def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=print,
-          params_file: str = "params.yaml") -> dict:
-    """Train one model; returns its checkpoint (a dict that torch.load(weights_only=True) reads back)."""
+          params_file: str = PARAMS_FILE) -> Checkpoint:
+    """Train one model; returns its checkpoint."""
     recipe = params.recipe(arch)
     device = pick_device(params.device, params_file)
     torch.manual_seed(params.seed)
@@ -162,23 +163,11 @@ def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=pri
                   seed=params.seed, eval_batch_size=params.train.eval_batch_size, amp=amp,
                   augment=params.augment(dataset, arch), background=-mean / std, log=log)
     train_time = time.perf_counter() - start
+    info = ModelInfo(dataset=dataset, architecture=arch, class_names=list(classes), mean=mean, std=std,
+                     preprocess=params.datasets[dataset].preprocess, model_args=dict(recipe.model_args),
+                     params={"seed": params.seed, "device": params.device, "recipe": recipe.model_dump(),
+                             "hflip": params.hflip(dataset, arch), "augment": params.augment(dataset, arch).model_dump(),
+                             "data": params.data.model_dump(), "train": params.train.model_dump()})
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return {
-        "arch": arch,
-        "model_args": dict(recipe.model_args),
-        "state_dict": state,
-        "dataset": dataset,
-        "class_names": classes,
-        "normalization": {"mean": mean, "std": std},
-        "preprocess": params.datasets[dataset].preprocess,
-        "params": {"seed": params.seed, "device": params.device, "recipe": recipe.model_dump(),
-                   "hflip": params.hflip(dataset, arch), "augment": params.augment(dataset, arch).model_dump(),
-                   "data": params.data.model_dump(),
-                   "train": params.train.model_dump()},
-        "history": history,
-        "train_time_s": train_time,
-        "device": device_name(device),
-        "precision": precision,
-        "threads": threads,
-        "torch_version": str(torch.__version__),
-    }
+    return Checkpoint(info, state, history, RunFacts(train_time, device_name(device), precision, threads,
+                                                     str(torch.__version__)))

@@ -1,10 +1,25 @@
-"""Shared fixtures: the local data mirror, fetched data sets and briefly trained, exported models."""
+"""Shared fixtures and helpers: the local data mirror, fetched data sets, briefly trained and exported models,
+a stand-in ONNX model, files that are no usable image, and a real `serve` process."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 # Absolute, so that subprocesses working in another folder (dvc exp run) find it too
@@ -21,7 +36,8 @@ def mirror() -> Path:
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory, mirror) -> Path:
     """Both data sets fetched (and verified) from the mirror by the data stage's code."""
-    from pipeline.data import DATASETS, fetch
+    from pipeline.datasets import DATASETS
+    from pipeline.download import fetch
 
     root = tmp_path_factory.mktemp("data")
     os.environ["DATASET_MIRROR"] = str(mirror)
@@ -50,7 +66,7 @@ def exported(tmp_path_factory, data_root, params):
     """export(dataset, arch) -> (onnx path, torchscript path, checkpoint): a briefly trained model, exported."""
     import torch
 
-    from pipeline.conversion import export, model_info
+    from pipeline.conversion import export
     from pipeline.datasets import load_split
     from pipeline.models import load_checkpoint, save_checkpoint
     from pipeline.tensors import to_inputs
@@ -65,7 +81,8 @@ def exported(tmp_path_factory, data_root, params):
             save_checkpoint(ckpt, out / f"{dataset}-{arch}.ckpt")
             model, ckpt = load_checkpoint(out / f"{dataset}-{arch}.ckpt")
             images, _ = load_split(data_root / dataset, "test")
-            info = model_info(ckpt, ckpt["history"][-1]["test_accuracy"], f"test-{dataset}-{arch}")
+            info = dataclasses.replace(ckpt.info, test_accuracy=ckpt.history[-1]["test_accuracy"],
+                                       export_id=f"test-{dataset}-{arch}")
             x = to_inputs(images[:500], info.mean, info.std, torch.device("cpu"))
             ts_bytes, onnx_bytes, _ = export(model, info, x.numpy(), batch_size=250)
             paths = out / f"{dataset}-{arch}.onnx", out / f"{dataset}-{arch}.pt"
@@ -94,3 +111,126 @@ def light_venv(tmp_path_factory) -> Path:
                             capture_output=True, text=True, env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     return env_dir
+
+
+# ---------------------------------------------------------------------------- a stand-in ONNX model
+
+def tiny_onnx(path: Path, shape=("batch", 1, 28, 28), metadata: dict[str, str] | None = None, external: str | None = None,
+              weights: np.ndarray | None = None, batch1_reshape: bool = False) -> Path:
+    """Flatten + MatMul -> (batch, 10) logits, with `metadata` (none: a foreign model). `external` stores the
+    weights in that (relative) file; `batch1_reshape` flattens with a Reshape to [1, -1] instead, which fails
+    inside onnxruntime for any batch but 1."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from digitlens.metadata import INPUT_NAME, OUTPUT_NAME
+
+    size = int(np.prod(shape[1:]))
+    w = np.random.default_rng(0).normal(size=(size, 10)).astype(np.float32) if weights is None else weights
+    initializers = [numpy_helper.from_array(w, "w")]
+    flatten = helper.make_node("Flatten", [INPUT_NAME], ["flat"])
+    if batch1_reshape:
+        initializers.append(numpy_helper.from_array(np.array([1, size], np.int64), "shape"))
+        flatten = helper.make_node("Reshape", [INPUT_NAME, "shape"], ["flat"])
+    graph = helper.make_graph(
+        [flatten, helper.make_node("MatMul", ["flat", "w"], [OUTPUT_NAME])], "tiny",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [shape[0], 10])], initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    for key, value in (metadata or {}).items():
+        model.metadata_props.add(key=key, value=value)
+    if external:
+        target = path.parent / external
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(w.tobytes())
+        stored = model.graph.initializer[0]
+        stored.ClearField("raw_data")
+        stored.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", external), ("offset", "0"), ("length", str(w.nbytes))):
+            stored.external_data.add(key=key, value=value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+# ---------------------------------------------------------------------------- files that are no usable image
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims a size without the pixels to match (Pillow checks the size on open)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + png_chunk(b"IEND", b""))
+
+
+def truncated_png(path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200), np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+BAD_FILES = {  # name -> (writer, what the error says)
+    "empty.png": (lambda p: p.write_bytes(b""), "empty file"),
+    "notes.png": (lambda p: p.write_text("not an image\n"), "not an image"),
+    "truncated.png": (truncated_png, "truncated or corrupt PNG image"),
+    "bomb.png": (lambda p: p.write_bytes(png_header_only(20000, 20000)), "decompression bomb"),
+    # over Image.MAX_IMAGE_PIXELS but under twice it: Pillow only warns, prepare refuses
+    "bomb-warning.png": (lambda p: p.write_bytes(png_header_only(10000, 10000)), "decompression bomb"),
+    "blank.png": (lambda p: Image.new("L", (300, 200), 255).save(p), "no content"),
+    "blank.jpg": (lambda p: Image.fromarray(np.random.default_rng(0).normal(240, 3, (200, 300)).astype(np.uint8))
+                  .save(p, quality=70), "no content"),
+    "transparent.png": (lambda p: Image.new("RGBA", (50, 50), (0, 0, 0, 0)).save(p), "no content"),
+}
+
+
+# ---------------------------------------------------------------------------- a real `serve` process
+
+def get(url: str, timeout: float = 5) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def process_tree(pid: int) -> list[int]:
+    pids = [pid]
+    for p in pids:
+        for children in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                pids += [int(c) for c in children.read_text().split()]
+    return pids
+
+
+@contextlib.contextmanager
+def serve_process(models: Sequence[str | os.PathLike], args: Sequence[str] = (),
+                  log: Path | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """(base URL, process) of `python -m digitlens.serve` on a free port, once /readyz answers; stopped (its
+    workers with it) on exit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "digitlens.serve", "--port", str(port), *args,
+               *(a for m in models for a in ("--model", str(m)))]
+    with open(log or os.devnull, "wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(1200):  # two minutes to load the models
+            assert proc.poll() is None, f"serve exited with status {proc.returncode}"
+            with contextlib.suppress(OSError):
+                if get(f"{url}/readyz", timeout=1)[0] == 200:
+                    break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("serve did not answer /readyz")
+        yield url, proc
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(15)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

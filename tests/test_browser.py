@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import math
 import os
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.classifier import Classifier
+from digitlens.classifier import Classifier
 from pipeline.datasets import load_split
 from tests.conftest import quick_params
 
@@ -36,7 +37,7 @@ from selenium.webdriver.common.actions.pointer_input import PointerInput  # noqa
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
-from pipeline.loadtest import running_server  # noqa: E402
+from tests.conftest import serve_process  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +68,7 @@ def digits_model(tmp_path_factory, data_root, params) -> Path:
     """simple_cnn trained for one epoch on the full MNIST training set (about 97 %), exported to ONNX."""
     import torch
 
-    from pipeline.conversion import export, model_info
+    from pipeline.conversion import export
     from pipeline.models import load_checkpoint, save_checkpoint
     from pipeline.tensors import to_inputs
     from pipeline.training import train
@@ -77,7 +78,7 @@ def digits_model(tmp_path_factory, data_root, params) -> Path:
                  log=lambda msg: None)
     save_checkpoint(ckpt, out / "digits.ckpt")
     model, ckpt = load_checkpoint(out / "digits.ckpt")
-    info = model_info(ckpt, ckpt["history"][-1]["test_accuracy"], "test-browser")
+    info = dataclasses.replace(ckpt.info, test_accuracy=ckpt.history[-1]["test_accuracy"], export_id="test-browser")
     images, _ = load_split(data_root / "mnist", "test")
     x = to_inputs(images[:500], info.mean, info.std, torch.device("cpu")).numpy()
     _, onnx_bytes, _ = export(model, info, x, batch_size=250)
@@ -102,7 +103,7 @@ def page(digits_model, exported, tmp_path_factory):
     """(driver, server URL): headless Chromium on the page of a server with the digits and a fashion model."""
     tmp = tmp_path_factory.mktemp("browser")
     fashion = exported("fashion-mnist", "cnn")[0]
-    with running_server([digits_model, fashion], log=tmp / "serve.log") as (url, _):
+    with serve_process([digits_model, fashion], log=tmp / "serve.log") as (url, _):
         options = webdriver.ChromeOptions()
         options.binary_location = str(CHROMIUM)
         for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",

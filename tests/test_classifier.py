@@ -7,24 +7,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import Classifier, ImageError, ModelError, Prediction, Result
+from digitlens import Classifier, ImageError, ModelError, Prediction, Result
+from digitlens.images import prepare
+from digitlens.metadata import ModelInfo
 from pipeline.datasets import DATASETS, load_split
-from pipeline.images import prepare
-from pipeline.metadata import ModelInfo
-from tests.test_images import BAD_FILES
-from tests.test_infer import tiny_model
+from tests.conftest import BAD_FILES, tiny_onnx
 
-INFO = ModelInfo("mnist", "tiny", DATASETS["mnist"].classes, 0.1307, 0.3081, "digit", 12.5)
+INFO = ModelInfo("mnist", "tiny", DATASETS["mnist"].classes, 0.1307, 0.3081, "digit", test_accuracy=12.5)
 
 
 @pytest.fixture(scope="module")
 def clf(tmp_path_factory):
     """A stand-in model (Flatten + MatMul) carrying this project's metadata: fast, and any answer is checkable."""
-    import onnx
-
     path = tmp_path_factory.mktemp("model") / "tiny.onnx"
-    props = [onnx.StringStringEntryProto(key=k, value=v) for k, v in INFO.to_metadata().items()]
-    return Classifier(tiny_model(path, metadata=props))
+    return Classifier(tiny_onnx(path, metadata=INFO.to_metadata()))
 
 
 @pytest.fixture(scope="module")
@@ -147,9 +143,7 @@ def test_bad_arguments_and_models(clf, png, tmp_path):
     ("dataset", "not json", "not JSON"),
 ])
 def test_malformed_metadata_is_refused_not_coerced(tmp_path, field, value, reason):
-    import onnx
 
     meta = INFO.to_metadata() | {field: value}
-    props = [onnx.StringStringEntryProto(key=k, value=v) for k, v in meta.items()]
     with pytest.raises(ModelError, match=reason):
-        Classifier(tiny_model(tmp_path / "m.onnx", metadata=props))
+        Classifier(tiny_onnx(tmp_path / "m.onnx", metadata=meta))

@@ -6,8 +6,10 @@ import struct
 import numpy as np
 import pytest
 
-from pipeline import data, datasets
+from pipeline import datasets
+from pipeline import download as data
 from pipeline.common import PipelineError
+from pipeline.stages import data as data_stage
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -122,7 +124,7 @@ def test_data_stage_command_reports_one_line(tmp_path, monkeypatch, offline_host
     from click.testing import CliRunner
 
     monkeypatch.setenv(data.MIRROR_ENV, str(tmp_path / "nowhere"))
-    result = CliRunner().invoke(data.main, ["--dataset", "mnist", "--out", str(tmp_path / "mnist")])
+    result = CliRunner().invoke(data_stage.main, ["--dataset", "mnist", "--out", str(tmp_path / "mnist")])
     assert result.exit_code == 1
     assert result.output.startswith("Error: mnist/train-images-idx3-ubyte: no source worked")
     assert result.output.count("\n") == 1 and "Traceback" not in result.output

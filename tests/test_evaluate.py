@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import evaluate as ev
+from pipeline import reports as ev
 from pipeline import training as tr
 from pipeline.datasets import load_split
 from pipeline.models import load_checkpoint, save_checkpoint

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import subprocess
 import sys
@@ -8,20 +9,21 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from digitlens.classifier import Classifier
+from digitlens.errors import ModelError
+from digitlens.metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo
+from digitlens.runtime import onnx_session
 from pipeline import conversion as ex
-from pipeline import export as export_stage
-from pipeline.classifier import Classifier
 from pipeline.common import PipelineError
 from pipeline.datasets import dataset_info
-from pipeline.metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo
 from pipeline.models import create_model, list_models, save_checkpoint
-from pipeline.runtime import ModelError, onnx_session
+from pipeline.stages import export as export_stage
 from tests.conftest import ROOT
 
 
-def card_for(arch: str, dataset: str = "mnist") -> ModelInfo:
-    return ModelInfo(dataset, arch, dataset_info(dataset).classes, 0.1307, 0.3081, "digit", 12.5,
-                     {"seed": 0, "recipe": {"lr": 0.1}}, export_id="abc")
+def info_for(arch: str, dataset: str = "mnist") -> ModelInfo:
+    return ModelInfo(dataset, arch, dataset_info(dataset).classes, 0.1307, 0.3081, "digit",
+                     params={"seed": 0, "recipe": {"lr": 0.1}}, test_accuracy=12.5, export_id="abc")
 
 
 def load_torchscript(path) -> tuple[torch.jit.ScriptModule, ModelInfo]:
@@ -40,13 +42,13 @@ def exported_random(request, tmp_path_factory):
     with torch.no_grad():
         model.train()(torch.randn(64, 1, 28, 28))  # move BatchNorm running stats off their defaults
     model.eval()
-    card = card_for(request.param)
+    info = info_for(request.param)
     x = np.random.default_rng(0).random((300, 1, 28, 28), np.float32)
-    ts_bytes, onnx_bytes, report = ex.export(model, card, x, batch_size=128)
+    ts_bytes, onnx_bytes, report = ex.export(model, info, x, batch_size=128)
     folder = tmp_path_factory.mktemp(request.param)
     (folder / "m.onnx").write_bytes(onnx_bytes)
     (folder / "m.pt").write_bytes(ts_bytes)
-    return model, card, folder, report
+    return model, info, folder, report
 
 
 @pytest.mark.parametrize("batch", [1, 7, 256])
@@ -65,9 +67,14 @@ def test_onnx_and_torchscript_match_pytorch(exported_random, batch):
         np.testing.assert_array_equal(out.argmax(1), reference.argmax(1))
 
 
-def test_onnx_file_is_self_contained_and_checked(exported_random):
-    _, _, folder, report = exported_random
-    assert [p.name for p in folder.iterdir() if p.suffix not in (".onnx", ".pt")] == []
+def test_onnx_file_is_self_contained_and_checked(exported_random, tmp_path):
+    model, _, folder, report = exported_random
+    alone = tmp_path / "alone.onnx"  # no other file beside it: no external data to find
+    alone.write_bytes((folder / "m.onnx").read_bytes())
+    x = np.random.default_rng(1).random((5, 1, 28, 28), np.float32)
+    with torch.inference_mode():
+        reference = model(torch.from_numpy(x)).numpy()
+    assert np.abs(onnx_session(alone).run([OUTPUT_NAME], {INPUT_NAME: x})[0] - reference).max() <= ex.TOLERANCE
     proto = onnx.load(folder / "m.onnx", load_external_data=False)
     onnx.checker.check_model(proto, full_check=True)
     assert not any(init.external_data for init in proto.graph.initializer)
@@ -83,15 +90,16 @@ def test_onnx_file_is_self_contained_and_checked(exported_random):
 def test_metadata_round_trips_through_onnxruntime(exported):
     onnx_path, ts_path, ckpt = exported("fashion-mnist", "mlp")
     meta = onnx_session(onnx_path).get_modelmeta().custom_metadata_map
-    card = ModelInfo.from_metadata(meta)
-    assert card == ex.model_info(ckpt, ckpt["history"][-1]["test_accuracy"], "test-fashion-mnist-mlp")
-    assert card.class_names == list(ckpt["class_names"]) and card.class_names[0] == "T-shirt/top"
-    assert (card.mean, card.std) == (ckpt["normalization"]["mean"], ckpt["normalization"]["std"])
-    assert card.preprocess == "fashion" and card.input["polarity"] == "light-on-dark"
-    assert card.params["recipe"]["batch_size"] == 64 and card.params["model_args"] == {"dropout": 0.2}
+    info = ModelInfo.from_metadata(meta)
+    assert info == dataclasses.replace(ckpt.info, test_accuracy=ckpt.history[-1]["test_accuracy"],
+                                       export_id="test-fashion-mnist-mlp")
+    assert info.class_names == list(ckpt.info.class_names) and info.class_names[0] == "T-shirt/top"
+    assert (info.mean, info.std) == (ckpt.info.mean, ckpt.info.std)
+    assert info.preprocess == "fashion" and info.input["polarity"] == "light-on-dark"
+    assert info.params["recipe"]["batch_size"] == 64 and info.model_args == {"dropout": 0.2}
     assert all(isinstance(json.loads(v), (str, list, dict, float, int)) for v in meta.values())
-    _, ts_card = load_torchscript(ts_path)
-    assert ts_card == card
+    _, ts_info = load_torchscript(ts_path)
+    assert ts_info == info
 
 
 @pytest.mark.slow
@@ -129,7 +137,7 @@ def test_parity_failure_writes_nothing(exported, data_root, tmp_path, monkeypatc
     onnx_path, _, ckpt = exported("mnist", "softmax")
     save_checkpoint(ckpt, tmp_path / "softmax.ckpt")
     (tmp_path / "metrics.json").write_text(json.dumps({"accuracy": 90.0}))
-    (tmp_path / "classes.json").write_text(json.dumps({"accuracy": {c: 90.0 for c in ckpt["class_names"]}}))
+    (tmp_path / "classes.json").write_text(json.dumps({"accuracy": {c: 90.0 for c in ckpt.info.class_names}}))
     real_parity = ex.parity
 
     def off_by_a_bit(*args, **kwargs):

@@ -24,14 +24,16 @@ import zlib
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
 from PIL import Image, ImageOps
 
-from pipeline import Classifier, ImageError, ModelError, common, data, datasets, images, infer
-from pipeline.classifier import MAX_MODEL_BYTES
-from pipeline.common import PipelineError, one_line
-from pipeline.metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo
-from tests.conftest import ROOT
+from digitlens import Classifier, ImageError, ModelError, images, infer, limits
+from digitlens.limits import MAX_MODEL_BYTES
+from digitlens.metadata import ModelInfo
+from digitlens.text import one_line
+from pipeline import common, datasets
+from pipeline import download as data
+from pipeline.common import PipelineError
+from tests.conftest import ROOT, tiny_onnx
 
 MB = 2**20
 MEMORY_CAP = 1500 * MB  # address space of a subprocess that runs a hang or memory case
@@ -55,8 +57,8 @@ def module(name: str) -> str:
 
 
 def run_infer(*args, **kwargs) -> subprocess.CompletedProcess:
-    """`python -m pipeline.infer ARGS` (the console script's code), memory-capped, on a UTF-8 stdout."""
-    return limited(module("pipeline.infer"), *args, **kwargs)
+    """`python -m digitlens.infer ARGS` (the console script's code), memory-capped, on a UTF-8 stdout."""
+    return limited(module("digitlens.infer"), *args, **kwargs)
 
 
 def one_error(stderr: bytes | str, *parts: str) -> str:
@@ -69,24 +71,8 @@ def one_error(stderr: bytes | str, *parts: str) -> str:
 
 
 def model(path, weights=None, info: ModelInfo = INFO, batch1_reshape=False, metadata: dict | None = None):
-    """(batch, 1, 28, 28) -> Flatten -> MatMul -> (batch, 10) logits, with this project's metadata; `batch1_reshape`
-    flattens with a Reshape to [1, 784] instead, which fails inside onnxruntime for any batch but 1."""
-    w = np.random.default_rng(0).normal(size=(784, 10)).astype(np.float32) if weights is None else weights
-    initializers = [numpy_helper.from_array(w, "w")]
-    flatten = helper.make_node("Flatten", [INPUT_NAME], ["flat"])
-    if batch1_reshape:
-        initializers.append(numpy_helper.from_array(np.array([1, 784], np.int64), "shape"))
-        flatten = helper.make_node("Reshape", [INPUT_NAME, "shape"], ["flat"])
-    graph = helper.make_graph(
-        [flatten, helper.make_node("MatMul", ["flat", "w"], [OUTPUT_NAME])], "tiny",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", 1, 28, 28])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", 10])], initializer=initializers)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 9
-    for key, value in (info.to_metadata() | (metadata or {})).items():
-        proto.metadata_props.add(key=key, value=value)
-    path.write_bytes(proto.SerializeToString())
-    return path
+    """The stand-in model with `info`'s metadata (and `metadata` over it)."""
+    return tiny_onnx(path, metadata=info.to_metadata() | (metadata or {}), weights=weights, batch1_reshape=batch1_reshape)
 
 
 def digit_png(path, side: int = 60):
@@ -295,13 +281,13 @@ def test_small_png_of_too_many_pixels_is_refused_before_decoding(tmp_path, tiny,
     result = run_infer(huge, png, "--model", tiny)
     assert result.returncode == 1 and result.stdout.decode().startswith(f"{png}: ")
     one_error(result.stderr, f"Error: {huge}: 9400x9400 pixels is more than the 20,000,000 this tool decodes")
-    api = limited("import sys\nfrom pipeline import Classifier, ImageError\ntry:\n"
+    api = limited("import sys\nfrom digitlens import Classifier, ImageError\ntry:\n"
                   "    Classifier(sys.argv[1]).predict(sys.argv[2])\nexcept ImageError as e:\n    print(e)\n", tiny, huge)
     assert api.returncode == 0 and "9400x9400 pixels is more than" in api.stdout.decode(), api.stderr.decode()
 
 
 MEASURE = """import resource, sys
-from pipeline import images
+from digitlens import images
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     images.prepare(sys.argv[1], "digit")
@@ -313,7 +299,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 
 def test_memory_per_image_stays_near_the_documented_bound(tmp_path):
     """The largest accepted image in the costliest mode (RGBA: composited) takes about 300 MB, not gigabytes."""
-    side = math.isqrt(images.MAX_PIXELS)
+    side = math.isqrt(limits.MAX_PIXELS)
     path = transparent_png(tmp_path / "largest.png", side)
     result = limited(MEASURE, path)
     assert result.returncode == 0, result.stderr.decode()
@@ -381,7 +367,7 @@ def test_only_the_documented_formats_are_opened(tmp_path, tiny, name):
 def test_closed_pipe_ends_quietly(tmp_path, tiny):
     for i in range(300):  # 3,000 CSV rows: more than a pipe holds, so the writes meet the closed end
         Image.fromarray(np.full((28, 28), i % 256, np.uint8)).save(tmp_path / f"{i:03d}.png")
-    proc = limited(module("pipeline.infer"), tmp_path, "--model", tiny, "--raw", "--top-k", "10", "--format", "csv",
+    proc = limited(module("digitlens.infer"), tmp_path, "--model", tiny, "--raw", "--top-k", "10", "--format", "csv",
                    popen=True)
     assert proc.stdout.readline() == b"file,rank,index,class,probability\r\n"
     proc.stdout.close()  # as `| head -1` does
@@ -483,7 +469,7 @@ def test_bad_mirror_is_cut_off_in_bounded_time_and_memory(tmp_path, http_mirror,
     env = {data.MIRROR_ENV: mirror(tmp_path, http_mirror), **env}
     out = tmp_path / "data" / "mnist"
     start = time.monotonic()
-    result = limited(OFFLINE + module("pipeline.data"), "--dataset", "mnist", "--out", out, env=env, timeout=120)
+    result = limited(OFFLINE + module("pipeline.stages.data"), "--dataset", "mnist", "--out", out, env=env, timeout=120)
     assert time.monotonic() - start < 60  # a guard, not a speed test: the deadline is 1 s, the caps ~50 MB
     assert result.returncode == 1
     one_error(result.stderr, "Error: mnist/train-images-idx3-ubyte: no source worked", reason)
@@ -494,7 +480,7 @@ def test_bad_mirror_is_cut_off_in_bounded_time_and_memory(tmp_path, http_mirror,
 def test_stopped_data_stage_leaves_no_staging_folder(tmp_path, http_mirror, signum):
     url, requested = http_mirror(drip)
     out = tmp_path / "data" / "mnist"
-    proc = limited(OFFLINE + module("pipeline.data"), "--dataset", "mnist", "--out", out,
+    proc = limited(OFFLINE + module("pipeline.stages.data"), "--dataset", "mnist", "--out", out,
                    env={data.MIRROR_ENV: url, data.TIMEOUT_ENV: "60"}, popen=True)
     try:
         assert requested.wait(60), "the stage never asked the mirror"
@@ -601,7 +587,7 @@ def train_args(folder, params_file) -> list[str]:
 
 @pytest.mark.parametrize("case", list(BAD_PARAMS))
 def test_bad_params_file_is_refused_quickly_in_one_line(tmp_path, case):
-    from pipeline import train
+    from pipeline.stages import train
 
     text, reason = BAD_PARAMS[case]
     path = tmp_path / "params.yaml"
@@ -619,7 +605,7 @@ def test_billion_laughs_is_refused_in_one_line_within_bounded_memory(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(BILLION_LAUGHS + params_text())
     # RLIMIT_DATA, not RLIMIT_AS: importing torch maps more than 1.5 GB of address space
-    result = limited(module("pipeline.train"), *train_args(tmp_path, path), limit="RLIMIT_DATA", timeout=120)
+    result = limited(module("pipeline.stages.train"), *train_args(tmp_path, path), limit="RLIMIT_DATA", timeout=120)
     assert result.returncode == 1
     one_error(result.stderr, f"Error: {path}: cannot read params: line 1, column 7: anchors and aliases (&name, *name) "
                              "are not allowed")

@@ -1,14 +1,14 @@
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import images
-from pipeline.datasets import PREPROCESSING, load_split
-from pipeline.images import ImageError, prepare
-from pipeline.robustness import VARIANTS, draw
+from digitlens import images
+from digitlens.images import ImageError, prepare
+from digitlens.metadata import PREPROCESSING
+from pipeline.datasets import load_split
+from pipeline.drawings import SAVED_AS, draw
+from tests.conftest import BAD_FILES
 
 COUNT = 40  # test digits per variant
 
@@ -27,21 +27,10 @@ def mean_abs_diff(a: np.ndarray, uint8: np.ndarray) -> float:
     return float(np.abs(a - uint8.astype(np.float32) / 255).mean())
 
 
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that claims a size without the pixels to match (Pillow checks the size on open)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + png_chunk(b"IEND", b""))
-
-
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(SAVED_AS))
 def test_digit_drawn_off_centre_comes_back_as_the_mnist_original(tmp_path, digits, variant):
     """Dark on light, enlarged, off-centre on 200x200, in each file format -> close to the 28x28 original."""
-    suffix, write = VARIANTS[variant]
+    suffix, write = SAVED_AS[variant]
     rng = np.random.default_rng(1)
     diffs, blank = [], []
     for i, digit in enumerate(digits):
@@ -143,25 +132,6 @@ def test_raw_keeps_28x28_pixels_and_refuses_other_sizes(tmp_path, digits):
     Image.fromarray(digits[0]).resize((56, 56)).save(tmp_path / "big.png")
     with pytest.raises(ImageError, match="56x56 pixels; raw input must be 28x28"):
         prepare(tmp_path / "big.png", None)
-
-
-def truncated_png(path):
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200), np.uint8)).save(path)
-    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
-
-
-BAD_FILES = {  # name -> (writer, what the error says)
-    "empty.png": (lambda p: p.write_bytes(b""), "empty file"),
-    "notes.png": (lambda p: p.write_text("not an image\n"), "not an image"),
-    "truncated.png": (truncated_png, "truncated or corrupt PNG image"),
-    "bomb.png": (lambda p: p.write_bytes(png_header_only(20000, 20000)), "decompression bomb"),
-    # over Image.MAX_IMAGE_PIXELS but under twice it: Pillow only warns, prepare refuses
-    "bomb-warning.png": (lambda p: p.write_bytes(png_header_only(10000, 10000)), "decompression bomb"),
-    "blank.png": (lambda p: Image.new("L", (300, 200), 255).save(p), "no content"),
-    "blank.jpg": (lambda p: Image.fromarray(np.random.default_rng(0).normal(240, 3, (200, 300)).astype(np.uint8))
-                  .save(p, quality=70), "no content"),
-    "transparent.png": (lambda p: Image.new("RGBA", (50, 50), (0, 0, 0, 0)).save(p), "no content"),
-}
 
 
 @pytest.mark.parametrize("recipe", PREPROCESSING)

@@ -11,16 +11,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 from PIL import Image
 
-from pipeline import infer, robustness
+from digitlens import infer
+from digitlens.images import prepare
+from digitlens.metadata import INPUT_NAME, OUTPUT_NAME
 from pipeline.datasets import DATASETS, load_split
-from pipeline.images import prepare
-from pipeline.metadata import INPUT_NAME, OUTPUT_NAME
+from pipeline.drawings import SAVED_AS, draw
 from pipeline.models import list_models
-from tests.conftest import ROOT
-from tests.test_images import BAD_FILES
+from tests.conftest import BAD_FILES, ROOT, tiny_onnx
 
 INFER = os.path.join(os.path.dirname(sys.executable), "infer")
 
@@ -46,8 +46,7 @@ def run(*args):
 
 def direct_probs(onnx_path, ckpt, x: np.ndarray) -> np.ndarray:
     """Softmax of the model's logits on (N, 28, 28) pixels in [0, 1], computed here, not by infer."""
-    norm = ckpt["normalization"]
-    x = ((x - norm["mean"]) / norm["std"]).astype(np.float32)[:, None]
+    x = ((x - ckpt.info.mean) / ckpt.info.std).astype(np.float32)[:, None]
     z = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
     z = np.exp(z - z.max(1, keepdims=True))
     return z / z.sum(1, keepdims=True)
@@ -55,7 +54,7 @@ def direct_probs(onnx_path, ckpt, x: np.ndarray) -> np.ndarray:
 
 def drawn(digit, path, variant="grey", seed=0):
     """A digit as a user's file: dark on light, enlarged, off-centre on 200x200."""
-    robustness.VARIANTS[variant][1](robustness.draw(digit, np.random.default_rng(seed)), path)
+    SAVED_AS[variant][1](draw(digit, np.random.default_rng(seed)), path)
     return path
 
 
@@ -86,13 +85,13 @@ def test_raw_28x28_image_gives_the_models_own_prediction(tmp_path, mnist, digits
     result = run(original(digits[0], tmp_path / "d.png"), "--model", onnx_path, "--raw")
     assert result.exit_code == 0 and result.stderr == ""
     k = int(probs.argmax())
-    assert result.stdout == f"{tmp_path / 'd.png'}: {ckpt['class_names'][k]} ({probs[k]:.3f})\n"
+    assert result.stdout == f"{tmp_path / 'd.png'}: {ckpt.info.class_names[k]} ({probs[k]:.3f})\n"
 
 
 def test_user_images_are_preprocessed_then_classified_in_one_batch(tmp_path, mnist, digits):
     onnx_path, _, ckpt = mnist
     files = [drawn(d, tmp_path / f"{i}.png", variant, i) for i, (d, variant) in
-             enumerate(zip(digits[:7], robustness.VARIANTS))]
+             enumerate(zip(digits[:7], SAVED_AS))]
     result = run(*files, "--model", onnx_path, "--format", "json", "--top-k", 10)
     assert result.exit_code == 0, result.output
     records = json.loads(result.stdout)
@@ -102,7 +101,7 @@ def test_user_images_are_preprocessed_then_classified_in_one_batch(tmp_path, mni
         got = np.zeros(10)
         got[[p["index"] for p in record["predictions"]]] = [p["probability"] for p in record["predictions"]]
         np.testing.assert_allclose(got, probs, atol=1e-5)
-        assert all(p["class"] == ckpt["class_names"][p["index"]] for p in record["predictions"])
+        assert all(p["class"] == ckpt.info.class_names[p["index"]] for p in record["predictions"])
 
 
 def test_formats_agree_and_top_k_is_sorted(tmp_path, mnist, digits):
@@ -121,7 +120,7 @@ def test_formats_agree_and_top_k_is_sorted(tmp_path, mnist, digits):
         mine = [r for r in rows if r["file"] == str(f)]
         assert [r["class"] for r in mine] == [c for c, _ in preds] and [r["rank"] for r in mine] == ["1", "2", "3"]
     assert len(json.loads(run(files[0], "--model", onnx_path, "--top-k", 50, "--format", "json").stdout)[0]
-               ["predictions"]) == len(ckpt["class_names"])
+               ["predictions"]) == len(ckpt.info.class_names)
 
 
 def test_folder_means_its_images_and_patterns_are_expanded(tmp_path, mnist, digits):
@@ -129,7 +128,7 @@ def test_folder_means_its_images_and_patterns_are_expanded(tmp_path, mnist, digi
     folder = tmp_path / "scans"
     folder.mkdir()
     for i, variant in enumerate(["grey", "rgb", "jpeg"]):
-        drawn(digits[i], folder / f"{i}{robustness.VARIANTS[variant][0]}", variant)
+        drawn(digits[i], folder / f"{i}{SAVED_AS[variant][0]}", variant)
     (folder / "README.txt").write_text("not an image")
     drawn(digits[3], folder / ".hidden.png")
     result = run(folder, "--model", onnx_path)
@@ -163,7 +162,7 @@ def test_folder_of_clothing_photos_with_a_fashion_model(tmp_path, exported, clot
     prepared = np.stack([prepare(folder / f"{i:02d}.jpg", "fashion") for i in range(len(clothes))])
     expected = direct_probs(onnx_path, ckpt, prepared)
     assert [r["predictions"][0]["index"] for r in records] == expected.argmax(1).tolist()
-    assert {r["predictions"][0]["class"] for r in records} <= set(ckpt["class_names"])
+    assert {r["predictions"][0]["class"] for r in records} <= set(ckpt.info.class_names)
 
 
 @pytest.mark.slow
@@ -216,35 +215,9 @@ def test_paths_that_name_no_image_are_usage_errors(tmp_path, mnist, digits, make
 
 # ---------------------------------------------------------------------------- bad models
 
-def tiny_model(path, shape=("batch", 1, 28, 28), metadata=(), external=None):
-    """Flatten + MatMul: a stand-in model; `external` stores its weights in that (relative) file."""
-    weights = np.random.default_rng(0).normal(size=(int(np.prod(shape[1:])), 10)).astype(np.float32)
-    w = numpy_helper.from_array(weights, "w")
-    graph = helper.make_graph(
-        [helper.make_node("Flatten", [INPUT_NAME], ["flat"]), helper.make_node("MatMul", ["flat", "w"], [OUTPUT_NAME])],
-        "tiny", [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, list(shape))],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [shape[0], 10])], initializer=[w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    for prop in metadata:
-        model.metadata_props.add(key=prop.key, value=prop.value)
-    if external:
-        target = path.parent / external
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(weights.tobytes())
-        (w,) = model.graph.initializer
-        w.ClearField("raw_data")
-        w.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", external), ("offset", "0"), ("length", str(weights.nbytes))):
-            w.external_data.add(key=key, value=value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(model.SerializeToString())
-    return path
-
-
 @pytest.fixture(scope="module")
 def metadata(mnist):
-    return list(onnx.load(mnist[0], load_external_data=False).metadata_props)
+    return {p.key: p.value for p in onnx.load(mnist[0], load_external_data=False).metadata_props}
 
 
 def written(path, content: bytes):
@@ -258,12 +231,12 @@ BAD_MODELS = {  # name -> (writer(path, mnist, metadata), what the error says)
     "notes.onnx": (lambda p, m, meta: written(p, b"hello, I am not a model\n"), "not an ONNX model"),
     "noise.onnx": (lambda p, m, meta: written(p, np.random.default_rng(0).bytes(5000)), "not an ONNX model"),
     "truncated.onnx": (lambda p, m, meta: written(p, m[0].read_bytes()[:100_000]), "not an ONNX model"),
-    "32x32.onnx": (lambda p, m, meta: tiny_model(p, ("batch", 1, 32, 32), meta), "expected one float tensor"),
-    "rgb.onnx": (lambda p, m, meta: tiny_model(p, ("batch", 3, 28, 28), meta), "expected one float tensor"),
-    "no-metadata.onnx": (lambda p, m, meta: tiny_model(p), "(infer --assume)"),
-    "outside.onnx": (lambda p, m, meta: tiny_model(p, metadata=meta, external="../weights.bin"),
+    "32x32.onnx": (lambda p, m, meta: tiny_onnx(p, ("batch", 1, 32, 32), meta), "expected one float tensor"),
+    "rgb.onnx": (lambda p, m, meta: tiny_onnx(p, ("batch", 3, 28, 28), meta), "expected one float tensor"),
+    "no-metadata.onnx": (lambda p, m, meta: tiny_onnx(p), "(infer --assume)"),
+    "outside.onnx": (lambda p, m, meta: tiny_onnx(p, metadata=meta, external="../weights.bin"),
                      "outside its own folder"),
-    "absolute.onnx": (lambda p, m, meta: tiny_model(p, metadata=meta, external=str(p.parent.parent / "w.bin")),
+    "absolute.onnx": (lambda p, m, meta: tiny_onnx(p, metadata=meta, external=str(p.parent.parent / "w.bin")),
                       "outside its own folder"),
 }
 
@@ -280,10 +253,10 @@ def test_unusable_model_is_a_usage_error(tmp_path, mnist, metadata, digits, name
 
 def test_external_data_link_leading_out_is_refused_and_inside_is_used(tmp_path, metadata, digits):
     image = drawn(digits[0], tmp_path / "d.png")
-    inside = tiny_model(tmp_path / "models" / "inside.onnx", metadata=metadata, external="data/w.bin")
+    inside = tiny_onnx(tmp_path / "models" / "inside.onnx", metadata=metadata, external="data/w.bin")
     assert run(image, "--model", inside).exit_code == 0
-    tiny_model(tmp_path / "elsewhere" / "m.onnx", metadata=metadata, external="w.bin")
-    linked = tiny_model(tmp_path / "models" / "linked.onnx", metadata=metadata, external="link.bin")
+    tiny_onnx(tmp_path / "elsewhere" / "m.onnx", metadata=metadata, external="w.bin")
+    linked = tiny_onnx(tmp_path / "models" / "linked.onnx", metadata=metadata, external="link.bin")
     (tmp_path / "models" / "link.bin").unlink()
     (tmp_path / "models" / "link.bin").symlink_to(tmp_path / "elsewhere" / "w.bin")  # same bytes, other folder
     result = run(image, "--model", linked)
@@ -324,7 +297,7 @@ def test_model_the_os_refuses_to_read_is_a_usage_error(tmp_path, mnist, digits, 
 
 
 def test_model_without_metadata_runs_with_documented_defaults_when_asked(tmp_path, digits):
-    model = tiny_model(tmp_path / "foreign.onnx")
+    model = tiny_onnx(tmp_path / "foreign.onnx")
     image = drawn(digits[0], tmp_path / "d.png")
     result = run(image, "--model", model, "--assume", "digit", "--top-k", 10, "--format", "json")
     assert result.exit_code == 0, result.output
@@ -334,7 +307,7 @@ def test_model_without_metadata_runs_with_documented_defaults_when_asked(tmp_pat
 
 
 def test_fixed_batch_model_takes_one_image_at_a_time(tmp_path, metadata, digits):
-    model = tiny_model(tmp_path / "b1.onnx", (1, 1, 28, 28), metadata)
+    model = tiny_onnx(tmp_path / "b1.onnx", (1, 1, 28, 28), metadata)
     files = [drawn(d, tmp_path / f"{i}.png") for i, d in enumerate(digits[:3])]
     result = run(*files, "--model", model)
     assert result.exit_code == 0 and len(result.stdout.splitlines()) == 3
@@ -424,24 +397,3 @@ def test_progress_bar_only_for_many_files_on_a_terminal(tmp_path, mnist, digits)
     assert piped.returncode == 0 and piped.stderr == "" and piped.stdout == result.stdout
     few, terminal = stderr_on_terminal([INFER, *files[:infer.PROGRESS_MIN - 1], *options])
     assert few.returncode == 0 and terminal == ""
-
-
-# ---------------------------------------------------------------------------- the robustness measurement
-
-def test_robustness_table_and_exit_status(mnist, data_root):
-    args = ["--model", str(mnist[0]), "--data", str(data_root / "mnist"), "--count", "12"]
-    result = CliRunner().invoke(robustness.main, args + ["--threshold", "0"])
-    assert result.exit_code == 0, result.output
-    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[4:]}
-    assert list(rows) == ["original", *robustness.VARIANTS, "overall"]
-    agreements = [float(rows[v][3].rstrip("%")) for v in [*robustness.VARIANTS, "overall"]]
-    assert rows["overall"][1] == str(12 * len(robustness.VARIANTS))
-    assert float(rows["overall"][3].rstrip("%")) == pytest.approx(sum(agreements[:-1]) / len(agreements[:-1]), abs=0.1)
-    strict = CliRunner().invoke(robustness.main, args + ["--threshold", "100"])
-    assert strict.exit_code == (1 if min(agreements) < 100 else 0)
-
-
-def test_robustness_refuses_a_fashion_model(exported, data_root):
-    result = CliRunner().invoke(robustness.main, ["--model", str(exported("fashion-mnist", "softmax")[0]),
-                                                  "--data", str(data_root / "mnist"), "--count", "5"])
-    assert result.exit_code == 2 and "this measurement uses MNIST digits" in result.stderr

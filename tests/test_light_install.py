@@ -39,7 +39,7 @@ def test_infer_and_the_api_run_in_the_light_install(light_venv, exported, tmp_pa
     from_cli = [r["predictions"][0]["index"] for r in json.loads(cli.stdout)]
     script = f"""
 import sys
-from pipeline import Classifier
+from digitlens import Classifier
 clf = Classifier({str(onnx_path)!r})
 print([r.top.index for r in clf.predict([{', '.join(repr(str(tmp_path / f'{i}.png')) for i in range(3))}])])
 print('torch' in sys.modules)

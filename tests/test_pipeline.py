@@ -54,7 +54,7 @@ def test_repro_trains_evaluates_and_exports_every_model(quick_project):
     for dataset in DATASETS:
         for arch in archs:
             ckpt = __import__("torch").load(root / "models" / dataset / f"{arch}.pt", weights_only=True)
-            assert ckpt["params"]["recipe"]["epochs"] == 1 and ckpt["params"]["data"]["train_limit"] == 2000
+            assert ckpt.info.params["recipe"]["epochs"] == 1 and ckpt.info.params["data"]["train_limit"] == 2000
             metrics = json.loads((root / "reports" / dataset / arch / "metrics.json").read_text())
             assert 10 < metrics["accuracy"] <= 100 and metrics["epochs"] == 1
             assert numeric(metrics) and numeric(json.loads((root / "reports" / dataset / arch / "parity.json").read_text()))

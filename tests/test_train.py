@@ -4,13 +4,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline import train as train_stage
 from pipeline import training as tr
-from pipeline.bench import reference_dataset, reference_train_steps, reference_transform
 from pipeline.common import PipelineError
 from pipeline.datasets import load_split
 from pipeline.models import create_model, list_models, load_checkpoint, save_checkpoint
 from pipeline.params import OneCycle
+from pipeline.reference import reference_dataset, reference_train_steps, reference_transform
+from pipeline.stages import train as train_stage
 from pipeline.tensors import amp_dtype, pick_device, precision_label, to_inputs
 from tests.conftest import quick_params
 
@@ -44,10 +44,10 @@ def test_fast_loop_matches_reference_loop(arch, params, data_root):
     torch.manual_seed(5)  # dropout draws the same masks in both loops
     mean_loss, last_loss = tr.train_epoch(ours, tr.make_optimizer(ours, recipe), x, y, batches)
     torch.manual_seed(5)
-    seed_losses = reference_train_steps(theirs, tr.make_optimizer(theirs, recipe), loader, torch.device("cpu"))
-    assert len(seed_losses) == steps
-    assert last_loss == pytest.approx(seed_losses[-1], abs=1e-5)
-    assert mean_loss == pytest.approx(sum(seed_losses) / steps, abs=1e-5)
+    reference_losses = reference_train_steps(theirs, tr.make_optimizer(theirs, recipe), loader, torch.device("cpu"))
+    assert len(reference_losses) == steps
+    assert last_loss == pytest.approx(reference_losses[-1], abs=1e-5)
+    assert mean_loss == pytest.approx(sum(reference_losses) / steps, abs=1e-5)
     for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
 
@@ -117,11 +117,11 @@ def test_tuned_recipe_trains_with_its_schedule_and_the_data_sets_augmentation(pa
     quick = quick_params(params, epochs=3, train_limit=1000)
     for dataset, flips in (("mnist", False), ("fashion-mnist", True)):
         ckpt = tr.train(quick, dataset, "tuned_cnn", data_root / dataset, log=lambda m: None)
-        lrs = [row["lr"] for row in ckpt["history"]]
+        lrs = [row["lr"] for row in ckpt.history]
         assert lrs[0] < lrs[1] > lrs[2]  # one cycle: warm-up past the peak within epoch 1 of 3, then down
         assert lrs[0] == pytest.approx(params.recipes["tuned_cnn"].lr / 25)
-        assert ckpt["params"]["augment"] == params.augment(dataset, "tuned_cnn").model_dump()
-        assert ckpt["params"]["hflip"] is flips
+        assert ckpt.info.params["augment"] == params.augment(dataset, "tuned_cnn").model_dump()
+        assert ckpt.info.params["hflip"] is flips
 
 
 def test_threads_come_from_the_environment_not_from_params(params, data_root, tmp_path):
@@ -135,7 +135,7 @@ def test_threads_come_from_the_environment_not_from_params(params, data_root, tm
     code = ("import torch; from pipeline.training import train; from pipeline.params import load_params; "
             "from tests.conftest import quick_params; "
             f"ckpt = train(quick_params(load_params({str(ROOT / 'params.yaml')!r}), 1, 200), 'mnist', 'softmax', "
-            f"{str(data_root / 'mnist')!r}); print('threads', ckpt['threads'])")
+            f"{str(data_root / 'mnist')!r}); print('threads', ckpt.run.threads)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}).stdout
     assert f"({precision_label(amp_dtype('auto', torch.device('cpu')))}, 1 threads)" in out
@@ -145,9 +145,9 @@ def test_threads_come_from_the_environment_not_from_params(params, data_root, tm
 def test_history_has_one_row_per_epoch(params, data_root):
     ckpt = tr.train(quick_params(params, epochs=3, train_limit=500), "mnist", "softmax", data_root / "mnist",
                     log=lambda m: None)
-    csv = tr.history_csv(ckpt["history"]).splitlines()
+    csv = tr.history_csv(ckpt.history).splitlines()
     assert csv[0] == ",".join(tr.HISTORY_FIELDS) and len(csv) == 4
-    assert [row["epoch"] for row in ckpt["history"]] == [1, 2, 3]
+    assert [row["epoch"] for row in ckpt.history] == [1, 2, 3]
 
 
 def test_cuda_requested_without_cuda():

@@ -53,7 +53,7 @@ def summary(reports_dir: str | Path) -> str:
 def main(reports: str, out: str) -> None:
     text = summary(reports)
     write_text(out, "# Models\n\nTest-set figures on the 10,000 test images, written by `dvc repro` "
-                    "(pipeline/summary.py).\n\n" + text)
+                    "(pipeline/stages/summary.py).\n\n" + text)
     print(text, end="")
 
 

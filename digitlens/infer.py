@@ -12,10 +12,12 @@ from pathlib import Path
 
 import click
 
-from pipeline.classifier import Classifier, ModelError, Result
-from pipeline.common import DISTRIBUTION, USAGE, BadUsage, one_line, shown
-from pipeline.images import FORMATS, PREPROCESSORS, ImageError, read_encoded
-from pipeline.runtime import DEVICES
+from digitlens.classifier import BATCH_SIZE, Classifier, Result
+from digitlens.errors import ImageError, ModelError
+from digitlens.images import FORMATS, PREPROCESSORS
+from digitlens.limits import read_encoded
+from digitlens.runtime import DEVICES
+from digitlens.text import DISTRIBUTION, USAGE, BadUsage, one_line, shown
 
 OUTPUT_FORMATS = ("text", "json", "csv")
 PROGRESS_MIN = 20  # files; fewer finish before a progress bar would tell anything
@@ -98,24 +100,24 @@ def progress(total: int):
     return click.progressbar(length=total, label="classifying", file=sys.stderr, show_pos=True)
 
 
-def read_stdin() -> bytes | str:
+def read_stdin() -> bytes:
+    """The encoded image on standard input; ImageError when there is none or it cannot be read."""
     if sys.stdin is None:
-        return "no standard input (it is closed)"
-    try:
-        return read_encoded(sys.stdin.buffer)
-    except ImageError as e:
-        return str(e)
+        raise ImageError("no standard input (it is closed)")
+    return read_encoded(sys.stdin.buffer)
 
 
 def run(clf: Classifier, files: list[str], report: Report, top_k: int, raw: bool, batch_size: int) -> int:
     """Classify and report; returns the number of inputs that could not be classified."""
-    stdin = read_stdin() if STDIN in files else None
-    if isinstance(stdin, str):  # an error reading standard input
-        error("<stdin>", stdin)
-        files = [f for f in files if f != STDIN]
+    failed, stdin = 0, None
+    if STDIN in files:
+        try:
+            stdin = read_stdin()
+        except ImageError as e:
+            error("<stdin>", str(e))
+            files, failed = [f for f in files if f != STDIN], 1
     sources = [stdin if f == STDIN else f for f in files]
     names = ["<stdin>" if f == STDIN else f for f in files]
-    failed = int(isinstance(stdin, str))
     with progress(len(files)) as bar:
         for result in clf.classify(sources, top_k, raw, batch_size, names=names):
             if bar:
@@ -141,7 +143,7 @@ def run(clf: Classifier, files: list[str], report: Report, top_k: int, raw: bool
 @click.option("--top-k", default=1, show_default=True, type=click.IntRange(min=1), help="Classes to report per image.")
 @click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(OUTPUT_FORMATS),
               help="text: 'file: class (probability)'; json: an array of records; csv: one row per file and rank.")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+@click.option("--batch-size", default=BATCH_SIZE, show_default=True, type=click.IntRange(min=1),
               help="Images per onnxruntime call.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(DEVICES),
               help="cuda needs onnxruntime-gpu; refused, not silently run on the CPU, when it is missing.")

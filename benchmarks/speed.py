@@ -12,56 +12,18 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from torchvision import transforms
 
+from digitlens.metadata import IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME, ModelInfo
+from digitlens.runtime import onnx_session
 from pipeline.common import stage_command, table, write_json
 from pipeline.conversion import to_onnx, to_torchscript
-from pipeline.datasets import DATASETS, IMAGE_SIZE, dataset_info, load_split
-from pipeline.metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo
+from pipeline.datasets import DATASETS, dataset_info, load_split
 from pipeline.models import MODELS, create_model
 from pipeline.params import Params, load_params
-from pipeline.runtime import onnx_session
+from pipeline.reference import reference_dataset, reference_train_steps, reference_transform
 from pipeline.tensors import amp_dtype, device_name, pick_device, precision_label, to_inputs
 from pipeline.training import epoch_batches, make_optimizer, train_epoch
-
-# ---------------------------------------------------------------------------- the reference recipes' loop
-
-def reference_dataset(dataset: str, data_dir: str | Path, train: bool, transform) -> torch.utils.data.Dataset:
-    """torchvision's own MNIST / FashionMNIST class, reading the IDX files the data stage wrote."""
-    import torchvision
-
-    tv = getattr(torchvision.datasets, dataset_info(dataset).torchvision_class)
-    local = type(f"Local{tv.__name__}", (tv,), {"raw_folder": property(lambda self: str(data_dir))})
-    return local(root=str(data_dir), train=train, transform=transform, download=False)
-
-
-def reference_transform(params: Params, dataset: str, arch: str) -> transforms.Compose:
-    """ToTensor (+ Normalize) (+ RandomHorizontalFlip), per sample, as the reference recipes' scripts do."""
-    steps = [transforms.ToTensor()]
-    if params.recipes[arch].normalize:
-        steps.append(transforms.Normalize(*([v] for v in params.normalization(dataset, arch))))
-    if params.hflip(dataset, arch):
-        steps.append(transforms.RandomHorizontalFlip())
-    return transforms.Compose(steps)
-
-
-def reference_train_steps(model, optimizer, loader, device, steps: int | None = None) -> list[float]:
-    """The reference recipes' inner loop: a DataLoader batch at a time, moved to the device; returns each loss."""
-    model.train()
-    losses = []
-    for i, (x, y) in enumerate(loader):
-        if steps is not None and i == steps:
-            break
-        x, y = x.to(device), y.to(device)
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
-
 
 # ---------------------------------------------------------------------------- timing helpers
 

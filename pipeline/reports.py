@@ -1,11 +1,11 @@
-"""Evaluate stage: test-set metrics, confusion matrix, its most confident mistakes and plots of one trained model."""
+"""What the evaluate stage writes: test-set metrics, per-class figures, predictions, the report and mistakes plots."""
 from __future__ import annotations
 
 import csv
 import io
+from dataclasses import asdict
 from pathlib import Path
 
-import click
 import matplotlib
 
 matplotlib.use("Agg")
@@ -13,10 +13,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from pipeline.common import atomic_path, stage_command, write_json, write_text
-from pipeline.datasets import load_split
-from pipeline.models import load_checkpoint
-from pipeline.params import load_params
+from pipeline.common import atomic_path
+from pipeline.datasets import dataset_info
+from pipeline.models import Checkpoint
 from pipeline.tensors import predict_logits, score, to_inputs
 
 
@@ -25,37 +24,33 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
     return np.bincount(y_true * num_classes + y_pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 
-RUN_FACTS = ("device", "precision", "threads", "torch_version")  # how it was trained: text, not metrics
-
-
-def evaluate(model: torch.nn.Module, ckpt: dict, images: np.ndarray, labels: np.ndarray,
+def evaluate(model: torch.nn.Module, ckpt: Checkpoint, images: np.ndarray, labels: np.ndarray,
              batch_size: int) -> tuple[dict, dict, np.ndarray]:
     """(metrics, per-class figures with the confusion matrix, class probabilities (N, C)) on a labelled split.
     The metrics are numbers only, so that `dvc metrics diff` and `dvc exp show` can compare them."""
-    norm = ckpt["normalization"]
-    x = to_inputs(images, norm["mean"], norm["std"], torch.device("cpu"))
+    x = to_inputs(images, ckpt.info.mean, ckpt.info.std, torch.device("cpu"))
     y = torch.from_numpy(labels)
     logits = predict_logits(model, x, batch_size)
     loss, acc = score(logits, y)
     probs = torch.softmax(logits, 1).numpy()
     pred = probs.argmax(1)
-    classes = ckpt["class_names"]
+    classes = ckpt.info.class_names
     cm = confusion_matrix(labels, pred, len(classes))
     per_class = {name: round(100.0 * cm[i, i] / max(cm[i].sum(), 1), 2) for i, name in enumerate(classes)}
     metrics = {
         "accuracy": round(acc, 2),
         "loss": round(loss, 4),
         "params": sum(p.numel() for p in model.parameters()),
-        "train_time_s": round(ckpt["train_time_s"], 1),
-        "epochs": len(ckpt["history"]),
+        "train_time_s": round(ckpt.run.train_time_s, 1),
+        "epochs": len(ckpt.history),
     }
     per_class = {"classes": classes, "accuracy": per_class, "confusion_matrix": cm.tolist()}
     return metrics, per_class, probs
 
 
-def run_facts(ckpt: dict) -> dict:
-    """Where and how the model was trained (device, precision, CPU threads, torch version)."""
-    return {key: ckpt.get(key) for key in RUN_FACTS}
+def run_facts(ckpt: Checkpoint) -> dict:
+    """Where and how the model was trained (device, precision, CPU threads, torch version): text, not metrics."""
+    return {k: v for k, v in asdict(ckpt.run).items() if k != "train_time_s"}
 
 
 def most_confident_mistakes(labels: np.ndarray, probs: np.ndarray, n: int) -> np.ndarray:
@@ -66,11 +61,11 @@ def most_confident_mistakes(labels: np.ndarray, probs: np.ndarray, n: int) -> np
     return wrong[np.argsort(-confidence, kind="stable")][:n]
 
 
-def plot_mistakes(ckpt: dict, images: np.ndarray, labels: np.ndarray, probs: np.ndarray, path: str | Path,
+def plot_mistakes(ckpt: Checkpoint, images: np.ndarray, labels: np.ndarray, probs: np.ndarray, path: str | Path,
                   rows: int = 4, cols: int = 8) -> None:
     """A grid of the test images the model gets wrong with the highest confidence, the true and the predicted
     class (with its probability) under each."""
-    classes = [c.split(" - ")[0] for c in ckpt["class_names"]]
+    classes = dataset_info(ckpt.info.dataset).short_classes
     pred = probs.argmax(1)
     picked = most_confident_mistakes(labels, probs, rows * cols)
     wrong = int((pred != labels).sum())
@@ -82,7 +77,7 @@ def plot_mistakes(ckpt: dict, images: np.ndarray, labels: np.ndarray, probs: np.
         ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"#{i}  true {classes[labels[i]]}\npred {classes[pred[i]]} {100 * probs[i, pred[i]]:.0f}%",
                      fontsize=8)
-    fig.suptitle(f"{ckpt['arch']} on {ckpt['dataset']}: the {len(picked)} most confident of its {wrong} mistakes "
+    fig.suptitle(f"{ckpt.info.architecture} on {ckpt.info.dataset}: the {len(picked)} most confident of its {wrong} mistakes "
                  f"on the {len(labels):,} test images (#index in the test split)", fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -98,9 +93,9 @@ def predictions_csv(labels: np.ndarray, pred: np.ndarray, classes: list[str]) ->
     return buf.getvalue()
 
 
-def plot_report(ckpt: dict, metrics: dict, cm: np.ndarray, path: str | Path) -> None:
+def plot_report(ckpt: Checkpoint, metrics: dict, cm: np.ndarray, path: str | Path) -> None:
     """Training curves and confusion matrix of one model, in one PNG."""
-    history, classes = ckpt["history"], ckpt["class_names"]
+    history, short = ckpt.history, dataset_info(ckpt.info.dataset).short_classes
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc, ax_cm) = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [1, 1, 1.2]})
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
@@ -116,46 +111,12 @@ def plot_report(ckpt: dict, metrics: dict, cm: np.ndarray, path: str | Path) -> 
     for (i, j), n in np.ndenumerate(cm):
         if n:
             ax_cm.text(j, i, n, ha="center", va="center", fontsize=7, color="white" if i == j else "black")
-    short = [c.split(" - ")[0] for c in classes]
     ax_cm.set(title="confusion matrix (test)", xlabel="predicted", ylabel="actual",
-              xticks=range(len(classes)), yticks=range(len(classes)))
+              xticks=range(len(short)), yticks=range(len(short)))
     ax_cm.set_xticklabels(short, rotation=45, ha="right")
     ax_cm.set_yticklabels(short)
-    fig.suptitle(f"{ckpt['arch']} on {ckpt['dataset']}: {metrics['accuracy']:.2f}% test accuracy")
+    fig.suptitle(f"{ckpt.info.architecture} on {ckpt.info.dataset}: {metrics['accuracy']:.2f}% test accuracy")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-
-
-@click.command(help="Evaluate a trained checkpoint on the test split of its data set.")
-@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False), help="Checkpoint (.pt).")
-@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--metrics", "metrics_path", required=True, type=click.Path(dir_okay=False), help="JSON to write.")
-@click.option("--classes", "classes_path", required=True, type=click.Path(dir_okay=False),
-              help="JSON to write: per-class accuracy and confusion matrix.")
-@click.option("--predictions", required=True, type=click.Path(dir_okay=False), help="CSV (actual, predicted) to write.")
-@click.option("--run", "run_path", required=True, type=click.Path(dir_okay=False),
-              help="JSON to write: device, precision, threads and torch version of the training run.")
-@click.option("--plot", required=True, type=click.Path(dir_okay=False), help="PNG to write: curves and confusion matrix.")
-@click.option("--mistakes", required=True, type=click.Path(dir_okay=False),
-              help="PNG to write: the most confident mistakes on the test set.")
-@click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
-@stage_command
-def main(model_path: str, data_dir: str, metrics_path: str, classes_path: str, predictions: str, run_path: str,
-         plot: str, mistakes: str, params_file: str) -> None:
-    batch_size = load_params(params_file).train.eval_batch_size
-    model, ckpt = load_checkpoint(model_path)
-    images, labels = load_split(data_dir, "test")
-    metrics, per_class, probs = evaluate(model, ckpt, images, labels, batch_size)
-    write_text(predictions, predictions_csv(labels, probs.argmax(1), ckpt["class_names"]))
-    plot_report(ckpt, metrics, np.array(per_class["confusion_matrix"]), plot)
-    plot_mistakes(ckpt, images, labels, probs, mistakes)
-    write_json(run_path, run_facts(ckpt))
-    write_json(classes_path, per_class)
-    write_json(metrics_path, metrics)
-    print(f"{ckpt['arch']} on {ckpt['dataset']}: accuracy {metrics['accuracy']:.2f}%  loss {metrics['loss']:.4f}")
-
-
-if __name__ == "__main__":
-    main()

@@ -3,17 +3,15 @@ from __future__ import annotations
 
 import os
 
-from pipeline.common import first_line
+from digitlens.errors import ModelError
+from digitlens.text import first_line
 
 DEVICES = ("cpu", "cuda")
 
 
-class ModelError(ValueError):
-    """A model file that cannot be used: nothing can be classified with it. The message is one line."""
-
-
-def onnx_session(source: bytes | str | os.PathLike, device: str = "cpu"):
-    """An onnxruntime session on the CPU, or on CUDA (refused, never silently the CPU, without it)."""
+def onnx_session(source: bytes | str | os.PathLike, device: str = "cpu", threads: int | None = None):
+    """An onnxruntime session on the CPU, or on CUDA (refused, never silently the CPU, without it), with
+    `threads` intra-op threads (None: onnxruntime's default, one per core, spinning while they wait)."""
     import onnxruntime as ort
 
     providers = ["CPUExecutionProvider"]
@@ -25,6 +23,9 @@ def onnx_session(source: bytes | str | os.PathLike, device: str = "cpu"):
         providers.insert(0, "CUDAExecutionProvider")
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: errors come back as exceptions; a logged copy is a second line
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(source if isinstance(source, bytes) else str(source), options,
                                        providers=providers)

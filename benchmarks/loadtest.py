@@ -19,9 +19,11 @@ from pathlib import Path
 import click
 import numpy as np
 
+from digitlens.app import CANVAS_SIDE
+
 START_TIMEOUT = 120  # seconds for the server to load its models and answer /readyz
 WARMUP = 50  # requests sent before the measurement (and the first memory reading)
-SIDE = 280  # the page's canvas
+API_RUNS = 300  # Classifier.predict calls timed in this process, for the server's overhead
 # What `cnn` should reach on a quiet 2-core machine (docs/serve.md)
 TARGET_RATE, TARGET_P99_MS, TARGET_GROWTH_MB = 300, 100, 20
 
@@ -46,7 +48,7 @@ def running_server(models: Sequence[str | os.PathLike], args: Sequence[str] = ()
     """(base URL, process) of `serve` started on a free 127.0.0.1 port and answering /readyz; stopped on exit,
     its workers with it. Its output goes to `log` (default: discarded)."""
     port = free_port()
-    command = [sys.executable, "-m", "pipeline.serve", "--port", str(port), *args]
+    command = [sys.executable, "-m", "digitlens.serve", "--port", str(port), *args]
     for m in models:
         command += ["--model", str(m)]
     url = f"http://127.0.0.1:{port}"
@@ -102,15 +104,39 @@ def rss_mb(pid: int) -> float:
     return total / 1024
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process and its children (the workers) so far, from /proc."""
+    total = 0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def api_cpu_ms(model: str, pngs: list[bytes], runs: int = API_RUNS) -> float:
+    """CPU milliseconds of one `Classifier.predict` of one of `pngs`, in this process: what the server adds
+    nothing to."""
+    from digitlens import Classifier
+
+    clf = Classifier(model)
+    for png in pngs:
+        clf.predict(png)
+    cpu = time.process_time()
+    for i in range(runs):
+        clf.predict(pngs[i % len(pngs)])
+    return 1000 * (time.process_time() - cpu) / runs
+
+
 def digit_pngs() -> list[bytes]:
-    """The ten digits drawn white on black on a 280x280 canvas, as the page sends them."""
+    """The ten digits drawn white on black on the page's canvas, as the page sends them."""
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default(size=200)
     out = []
     for d in range(10):
-        img = Image.new("L", (SIDE, SIDE), 0)
-        ImageDraw.Draw(img).text((SIDE / 2, SIDE / 2), str(d), fill=255, font=font, anchor="mm")
+        img = Image.new("L", (CANVAS_SIDE, CANVAS_SIDE), 0)
+        ImageDraw.Draw(img).text((CANVAS_SIDE / 2, CANVAS_SIDE / 2), str(d), fill=255, font=font, anchor="mm")
         buf = io.BytesIO()
         img.save(buf, "PNG")
         out.append(buf.getvalue())
@@ -151,7 +177,7 @@ async def load(url: str, pngs: list[bytes], requests: int, concurrency: int, max
     return {"latencies": latencies, "errors": errors, "seconds": seconds, "client_cpu": cpu}
 
 
-def report(run: dict, rss_before: float, rss_after: float) -> str:
+def report(run: dict, rss_before: float, rss_after: float, server_cpu: float, api_ms: float) -> str:
     lat = np.array(run["latencies"] or [float("nan")])
     p50, p95, p99 = np.percentile(lat, [50, 95, 99])
     lines = [
@@ -160,6 +186,9 @@ def report(run: dict, rss_before: float, rss_after: float) -> str:
         f"latency    p50 {p50:.1f} ms  p95 {p95:.1f} ms  p99 {p99:.1f} ms  max {lat.max():.1f} ms",
         f"client     {1000 * run['client_cpu'] / max(1, len(run['latencies'])):.2f} ms CPU per request (this "
         "machine's CPUs also ran the client)",
+        f"server     {1000 * server_cpu / max(1, len(run['latencies'])):.2f} ms CPU per request; "
+        f"Classifier.predict of the same images {api_ms:.2f} ms CPU in this process "
+        f"(server / API: {1000 * server_cpu / max(1, len(run['latencies'])) / api_ms:.2f}x)",
         f"errors     {len(run['errors'])}" + (f" (first: {run['errors'][0]})" if run["errors"] else ""),
         f"server RSS {rss_before:.0f} MB before, {rss_after:.0f} MB after ({rss_after - rss_before:+.0f} MB)",
     ]
@@ -172,8 +201,9 @@ def report(run: dict, rss_before: float, rss_after: float) -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]},
                help="Benchmark `serve`: start it on a free 127.0.0.1 port, post single-image PNG requests (digits "
-                    "white on black on a 280x280 canvas, like the page's) from concurrent clients, and print requests/s, latency "
-                    "percentiles, errors and the server's memory before and after.")
+                    "white on black on the page's 280x280 canvas) from concurrent clients, and print requests/s, latency "
+                    "percentiles, the server's CPU per request against the Python API's, errors and the server's "
+                    "memory before and after.")
 @click.option("--model", "models", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="An exported .onnx file; the first one is the one posted to.")
 @click.option("--requests", default=5000, show_default=True, type=click.IntRange(min=1))
@@ -193,14 +223,15 @@ def main(models, requests, concurrency, max_seconds, workers) -> None:
         with running_server(models, ["--workers", str(workers)], log=log) as (url, proc):
             predict = f"{url}/v1/models/{name}/predict"
             asyncio.run(load(predict, pngs, WARMUP, concurrency, max_seconds))
-            before = rss_mb(proc.pid)
+            before, cpu = rss_mb(proc.pid), cpu_seconds(proc.pid)
             run = asyncio.run(load(predict, pngs, requests, concurrency, max_seconds))
-            after = rss_mb(proc.pid)
+            after, cpu = rss_mb(proc.pid), cpu_seconds(proc.pid) - cpu
+        api_ms = api_cpu_ms(models[0], pngs)  # after the server stopped: on a quiet machine
     except RuntimeError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"serve {name}, {workers} worker(s), {concurrency} concurrent clients, {os.cpu_count()} CPUs "
                f"(server log: {log})")
-    click.echo(report(run, before, after))
+    click.echo(report(run, before, after, cpu, api_ms))
     sys.exit(1 if run["errors"] else 0)
 
 

@@ -1,6 +1,7 @@
 """Users' images -> the 28x28 light-on-dark arrays the models were trained on (Pillow and numpy, no torch).
 
-An image arrives as a path, bytes, a binary file object, a PIL image or a numpy array; every kind goes
+An image arrives as a path, bytes, a binary file object, a PIL image, a numpy array or nested lists of
+numbers (rows of pixels, as JSON has them); every kind goes
 through the same decoding checks and the same preprocessing, and every problem is an ImageError.
 """
 from __future__ import annotations
@@ -8,18 +9,17 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from pipeline.common import first_line
-from pipeline.datasets import IMAGE_SIZE, PREPROCESSING
+from digitlens.errors import ImageError
+from digitlens.limits import MAX_PIXELS, check_size, read_encoded
+from digitlens.metadata import IMAGE_SIZE
+from digitlens.text import first_line
 
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")  # the only decoders Pillow may use
-MAX_PIXELS = 20_000_000  # width x height after JPEG draft-mode decoding; keeps one image to about 300 MB
-MAX_BYTES = 50 * 2**20  # an encoded image (file, bytes or stream) larger than this is refused unread
 DIGIT_BOX = 20  # MNIST digits are scaled to fit 20x20, then centred by mass in 28x28
 WORK_SIDE = 1024  # larger images are shrunk to this first; the result is 28 pixels anyway
 MIN_CONTRAST = 0.1  # ink (or item) must differ from the background by this much of the full range
@@ -27,44 +27,7 @@ DIGIT_INK = 0.05  # after stretching ink to 1: what counts as a stroke when crop
 FASHION_TRIM = 0.05  # Fashion-MNIST trims edges within 5 % of the background colour
 NO_CONTENT = "no content (a blank image, or too little contrast)"
 
-ImageInput = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | Image.Image | np.ndarray
-
-
-class ImageError(ValueError):
-    """An input that cannot be turned into a model input; the message says why, in a few words."""
-
-
-def read_encoded(source: str | os.PathLike | bytes | bytearray | memoryview | BinaryIO) -> bytes:
-    """The encoded bytes of a path, a bytes-like object or a binary file object, size-checked."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-    elif isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        try:
-            if not path.is_file():
-                raise ImageError("not a regular file" if path.exists() else "no such file")
-            if path.stat().st_size > MAX_BYTES:
-                raise ImageError(f"larger than {MAX_BYTES // 2**20} MB; refused")
-            data = path.read_bytes()
-        except OSError as e:
-            raise ImageError(f"cannot read it ({e.strerror or e})") from None
-    elif hasattr(source, "read"):
-        try:
-            data = source.read(MAX_BYTES + 1)
-        except (OSError, ValueError) as e:
-            raise ImageError(f"cannot read the file object ({e})") from None
-        if isinstance(data, str):
-            raise ImageError("a text file object; open the image in binary mode ('rb')")
-        if not isinstance(data, (bytes, bytearray)):
-            raise ImageError(f"file object's read() returned {type(data).__name__}, not bytes")
-    else:
-        raise ImageError(f"unsupported input type {type(source).__name__}; give a path, bytes, a binary file, "
-                         "a PIL image or a numpy array")
-    if not data:
-        raise ImageError("empty file")
-    if len(data) > MAX_BYTES:
-        raise ImageError(f"larger than {MAX_BYTES // 2**20} MB; refused")
-    return data
+ImageInput = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | Image.Image | np.ndarray | list
 
 
 def decode(data: bytes) -> Image.Image:
@@ -99,14 +62,6 @@ def upright(img: Image.Image) -> Image.Image:
         return ImageOps.exif_transpose(img) if turned else img
 
 
-def check_size(img: Image.Image) -> None:
-    w, h = img.size
-    if w * h > MAX_PIXELS:
-        raise ImageError(f"{w}x{h} pixels is more than the {MAX_PIXELS:,} this tool decodes; resize it first")
-    if not w or not h:
-        raise ImageError("has no pixels")
-
-
 def array_to_image(a: np.ndarray) -> Image.Image:
     """A numpy image (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), uint8 or float in [0, 1], as a PIL image."""
     if a.ndim == 3 and a.shape[2] == 1:
@@ -131,8 +86,18 @@ def array_to_image(a: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(pixels), mode)
 
 
+def nested_array(rows: list) -> np.ndarray:
+    """Nested lists of numbers (rows of pixels, or of [r, g, b] values) as a float array."""
+    try:
+        return np.asarray(rows, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ImageError("not an array of numbers (rows of equal length, numbers only)") from None
+
+
 def load(source: ImageInput) -> Image.Image:
     """Any accepted input as an upright PIL image."""
+    if isinstance(source, list):
+        source = nested_array(source)
     if isinstance(source, np.ndarray):
         return array_to_image(source)
     if isinstance(source, Image.Image):
@@ -272,7 +237,7 @@ def fashion(grey: np.ndarray) -> np.ndarray:
     return paste(patch, (IMAGE_SIZE - h + 1) // 2, (IMAGE_SIZE - w + 1) // 2)
 
 
-PREPROCESSORS = {name: globals()[name] for name in PREPROCESSING}  # each named after its function above
+PREPROCESSORS = {"digit": digit, "fashion": fashion}  # by the names in metadata.PREPROCESSING
 
 
 def prepare(source: ImageInput, preprocess: str | None) -> np.ndarray:

@@ -1,11 +1,10 @@
-"""The handwriting measurement: each change does what its name says; the command compares models."""
+"""Digits in other hands (pipeline/drawings.py): each style does what its name says."""
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from pipeline import handwriting as hw
+from pipeline import drawings as hw
 from pipeline.datasets import load_split
-from pipeline.robustness import enlarge
+from pipeline.drawings import enlarge
 
 
 @pytest.fixture(scope="module")
@@ -35,22 +34,3 @@ def test_rotation_slant_and_proportions(big):
     shift = lambda a: ink_columns(a[top]).mean() - ink_columns(a[bottom]).mean()  # noqa: E731
     assert shift(right) > shift(big) + 10 > shift(left) + 20
     assert hw.stretch(big, 0.7).shape == (h, round(0.7 * w)) and hw.stretch(big, 1.4).shape == (h, round(1.4 * w))
-
-
-def test_command_compares_models(exported, data_root):
-    onnx_path = exported("mnist", "cnn")[0]
-    other = exported("mnist", "simple_cnn")[0]
-    result = CliRunner().invoke(hw.main, ["--model", str(onnx_path), "--model", str(other),
-                                          "--data", str(data_root / "mnist"), "--count", "30"])
-    assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
-    for variant in hw.VARIANTS:
-        assert any(line.lstrip().startswith(variant) for line in lines), variant
-    assert f"{other.stem} makes" in result.output and f"fewer errors than {onnx_path.stem}" in result.output
-    assert any(line.lstrip().startswith("all changed") and " 240 " in line for line in lines)  # 8 changes x 30
-
-
-def test_command_refuses_a_clothing_model(exported, data_root):
-    result = CliRunner().invoke(hw.main, ["--model", str(exported("fashion-mnist", "softmax")[0]),
-                                          "--data", str(data_root / "mnist"), "--count", "5"])
-    assert result.exit_code == 2 and "a fashion-mnist model; this measurement uses MNIST digits" in result.output

@@ -1,6 +1,6 @@
 """The Python API: classify images with an exported ONNX model through onnxruntime (no torch).
 
-    from pipeline import Classifier
+    from digitlens import Classifier
     clf = Classifier("artifacts/cnn.onnx")
     clf.predict("digit.png").top.label            # '7 - seven'
     clf.predict([img1, img2], top_k=3)            # a list in, a list of results out
@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,80 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.common import first_line, shown
-from pipeline.datasets import IMAGE_SIZE
-from pipeline.images import PREPROCESSORS, ImageError, ImageInput, prepare
-from pipeline.metadata import INPUT_SPEC, MetadataError, ModelInfo
-from pipeline.runtime import DEVICES, ModelError, onnx_session
+from digitlens.errors import ImageError, ModelError
+from digitlens.images import PREPROCESSORS, ImageInput, prepare
+from digitlens.limits import check_model_file
+from digitlens.metadata import IMAGE_SIZE, INPUT_SPEC, MetadataError, ModelInfo
+from digitlens.runtime import DEVICES, onnx_session
+from digitlens.text import first_line, shown
 
-MAX_MODEL_BYTES = 256 * 2**20  # an .onnx file and its external data together
 LOGITS_TYPES = ("tensor(float)", "tensor(double)", "tensor(float16)")
-
-
-def external_data_locations(proto) -> Iterator[str]:
-    """The `location` of every tensor stored outside the model file, subgraphs and functions included."""
-    from onnx import TensorProto
-
-    def node_tensors(nodes):
-        for node in nodes:
-            for attr in node.attribute:
-                yield from ([attr.t] if attr.HasField("t") else [])
-                yield from attr.tensors
-                for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    yield from graph_tensors(graph)
-
-    def graph_tensors(graph):
-        yield from graph.initializer
-        for sparse in graph.sparse_initializer:
-            yield from (sparse.values, sparse.indices)
-        yield from node_tensors(graph.node)
-
-    tensors = [*graph_tensors(proto.graph), *(t for f in proto.functions for t in node_tensors(f.node))]
-    for tensor in tensors:
-        if tensor.data_location == TensorProto.EXTERNAL:
-            yield {e.key: e.value for e in tensor.external_data}.get("location", "")
-
-
-def external_data_size(proto, folder: Path) -> int:
-    """Bytes of external data; refuses data outside the model's folder (absolute, `..`, a link leading out)."""
-    folder, total = folder.resolve(), 0
-    for location in set(external_data_locations(proto)):
-        target = (folder / location).resolve()
-        if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
-            raise ModelError(f"refers to external data {location!r} outside its own folder; refused")
-        if not target.is_file():
-            raise ModelError(f"its external data {location!r} is missing or not a regular file")
-        total += target.stat().st_size
-    return total
-
-
-def check_model_file(path: Path):
-    """The parsed ONNX graph of a regular file within MAX_MODEL_BYTES (external data included)."""
-    import onnx
-
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise ModelError("no such file") from None
-    except OSError as e:
-        raise ModelError(f"cannot read it ({e.strerror})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ModelError("is a directory, not an ONNX file")
-    if not stat.S_ISREG(st.st_mode):
-        raise ModelError("is not a regular file (a pipe or a device?); give an .onnx file")
-    if st.st_size > MAX_MODEL_BYTES:
-        raise ModelError(f"is larger than {MAX_MODEL_BYTES // 2**20} MB; refused")
-    try:
-        proto = onnx.load(path, load_external_data=False)
-    except OSError as e:
-        raise ModelError(f"cannot read it ({e.strerror})") from None
-    except Exception as e:  # noqa: BLE001 - protobuf raises several types for files that are not ONNX
-        raise ModelError(f"not an ONNX model ({first_line(e)})") from None
-    if not proto.graph.node:
-        raise ModelError("not an ONNX model (no graph)")
-    if st.st_size + external_data_size(proto, path.parent) > MAX_MODEL_BYTES:
-        raise ModelError(f"with its external data is larger than {MAX_MODEL_BYTES // 2**20} MB; refused")
-    return proto
+BATCH_SIZE = 64  # images per onnxruntime call
 
 
 @dataclass(frozen=True)
@@ -129,7 +63,7 @@ class Result:
         return {"file": shown(self.source), "predictions": [p.to_dict() for p in self.predictions]}
 
 
-def describe(source: Any) -> str:
+def source_name(source: Any) -> str:
     if isinstance(source, (str, os.PathLike)):
         return os.fsdecode(source)
     for kind, name in ((bytes, "<bytes>"), (bytearray, "<bytes>"), (memoryview, "<bytes>"), (np.ndarray, "<array>")):
@@ -144,9 +78,11 @@ class Classifier:
     """One exported model and its onnxruntime session, shared by every call (thread-safe: onnxruntime's
     `run` may be called from several threads at once)."""
 
-    def __init__(self, model: str | os.PathLike, device: str = "cpu", assume: str | None = None):
+    def __init__(self, model: str | os.PathLike, device: str = "cpu", assume: str | None = None,
+                 threads: int | None = None):
         """`assume` ('digit' or 'fashion'): for a model without this project's metadata, that preprocessing,
-        pixels in [0, 1] without standardisation, and the output indices as class names."""
+        pixels in [0, 1] without standardisation, and the output indices as class names. `threads`: onnxruntime's
+        intra-op threads (default: one per core; a server running requests in parallel wants 1)."""
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)} (got {device!r})")
         if assume is not None and assume not in PREPROCESSORS:
@@ -154,7 +90,7 @@ class Classifier:
         self.path = Path(model)
         self.name = self.path.stem
         check_model_file(self.path)
-        self.session = onnx_session(self.path, device)
+        self.session = onnx_session(self.path, device, threads)
         inputs = self.session.get_inputs()
         shape = list(inputs[0].shape) if len(inputs) == 1 else []
         if len(shape) != 4 or shape[1:] != [1, IMAGE_SIZE, IMAGE_SIZE] or inputs[0].type != "tensor(float)":
@@ -246,7 +182,7 @@ class Classifier:
             results.append(Result(name, tuple(Prediction(self.info.class_names[j], int(j), float(p[j])) for j in best)))
         return results
 
-    def classify(self, images: Iterable[ImageInput], top_k: int = 1, raw: bool = False, batch_size: int = 64,
+    def classify(self, images: Iterable[ImageInput], top_k: int = 1, raw: bool = False, batch_size: int = BATCH_SIZE,
                  names: Iterable[str] | None = None) -> Iterator[Result]:
         """A Result per input, in order, `batch_size` inputs per onnxruntime call; a bad input gets its
         error in its Result and the others go on. `raw`: inputs already 28x28 light on dark (MNIST form),
@@ -256,7 +192,7 @@ class Classifier:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer (got {batch_size!r})")
         images = list(images)
-        names = [describe(s) for s in images] if names is None else list(names)
+        names = [source_name(s) for s in images] if names is None else list(names)
         if len(names) != len(images):
             raise ValueError(f"{len(names)} names for {len(images)} images")
         for start in range(0, len(images), batch_size):

@@ -1,6 +1,7 @@
 """Export stage: TorchScript and ONNX files of one checkpoint, written only if they match PyTorch, and its model card."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -8,11 +9,11 @@ import click
 import torch
 
 from pipeline.common import stage_command, write_bytes, write_json, write_text
-from pipeline.conversion import export, export_id, model_info
+from pipeline.conversion import export, export_id
 from pipeline.datasets import load_split
 from pipeline.modelcard import model_card
 from pipeline.models import load_checkpoint
-from pipeline.params import load_params
+from pipeline.params import PARAMS_FILE, load_params
 from pipeline.tensors import to_inputs
 
 
@@ -28,13 +29,14 @@ from pipeline.tensors import to_inputs
 @click.option("--torchscript", "ts_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--parity", "parity_path", required=True, type=click.Path(dir_okay=False), help="JSON to write.")
 @click.option("--card", "card_path", required=True, type=click.Path(dir_okay=False), help="Markdown model card to write.")
-@click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--params", "params_file", default=PARAMS_FILE, show_default=True, type=click.Path(dir_okay=False))
 @stage_command
 def main(model_path, data_dir, metrics_path, classes_path, onnx_path, ts_path, parity_path, card_path,
          params_file) -> None:
     batch_size = load_params(params_file).train.eval_batch_size
     model, ckpt = load_checkpoint(model_path)
-    info = model_info(ckpt, json.loads(Path(metrics_path).read_text())["accuracy"], export_id(model_path))
+    info = dataclasses.replace(ckpt.info, test_accuracy=float(json.loads(Path(metrics_path).read_text())["accuracy"]),
+                               export_id=export_id(model_path))
     images, _ = load_split(data_dir, "test")
     x = to_inputs(images, info.mean, info.std, torch.device("cpu")).numpy()
     ts_bytes, onnx_bytes, report = export(model, info, x, batch_size)

@@ -1,7 +1,8 @@
-"""What an exported model says about itself: metadata written by the export stage, read by the Classifier.
+"""A model's facts (ModelInfo): built once by training, saved in its checkpoint, written by the export stage
+into the ONNX and TorchScript metadata, read by the Classifier.
 
 Every value is JSON (parsed with json.loads, never evaluated) and checked for its type: a model whose
-metadata is malformed is refused, not coerced. No torch here, so the inference path stays light.
+metadata is malformed is refused, not coerced.
 """
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-from pipeline.common import first_line
-from pipeline.datasets import IMAGE_SIZE
+from digitlens.text import first_line
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+IMAGE_SIZE = 28  # both data sets: 28x28 grey images
+# How users' images are brought to a data set's form (params.yaml `datasets.<name>.preprocess`): the keys of
+# images.PREPROCESSORS, named here so that the training side need not import the image code
+PREPROCESSING = ("digit", "fashion")
 MIN_STD = 1e-6
 # The tensor every exported model takes: float32 (batch, 1, 28, 28), pixels scaled to [0, 1]
 # with light strokes on a dark background (as in MNIST), then standardised with mean/std.
@@ -45,16 +49,18 @@ def _string(value, what: str) -> str:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """The facts an exported model carries: data set, architecture, classes, normalisation, preprocessing."""
+    """A model's facts: data set, architecture and the arguments that rebuild it, classes, normalisation,
+    preprocessing, the training params; the test accuracy and export id once it is exported."""
 
     dataset: str
     architecture: str
     class_names: list[str]
     mean: float
     std: float
-    preprocess: str  # one of datasets.PREPROCESSING
+    preprocess: str  # one of PREPROCESSING
+    model_args: dict = field(default_factory=dict)  # the architecture's constructor arguments, classes aside
+    params: dict = field(default_factory=dict)  # what trained it: seed, device, recipe, augmentation, data, train
     test_accuracy: float | None = None
-    params: dict = field(default_factory=dict)
     input: dict = field(default_factory=lambda: dict(INPUT_SPEC))
     output: str = OUTPUT_NAME
     export_id: str = ""  # the same in an export's ONNX and TorchScript files and its model card
@@ -69,6 +75,7 @@ class ModelInfo:
             "input": json.dumps(self.input),
             "output": json.dumps(self.output),
             "preprocess": json.dumps(self.preprocess),
+            "model_args": json.dumps(self.model_args, sort_keys=True),
             "test_accuracy": json.dumps(self.test_accuracy),
             "params": json.dumps(self.params, sort_keys=True),
             "export_id": json.dumps(self.export_id),
@@ -95,9 +102,10 @@ class ModelInfo:
         if std <= MIN_STD:
             raise MetadataError(f"model metadata: normalization.std must be above {MIN_STD:g} (got {std!r})")
         accuracy = values.get("test_accuracy")
-        params, spec = values.get("params", {}), values.get("input", INPUT_SPEC)
-        if not isinstance(params, dict) or not isinstance(spec, dict):
-            raise MetadataError("model metadata: params and input must be JSON objects")
+        model_args, params = values.get("model_args", {}), values.get("params", {})
+        spec = values.get("input", INPUT_SPEC)
+        if not all(isinstance(v, dict) for v in (model_args, params, spec)):
+            raise MetadataError("model metadata: model_args, params and input must be JSON objects")
         return cls(
             dataset=_string(values["dataset"], "dataset"),
             architecture=_string(values["architecture"], "architecture"),
@@ -105,6 +113,7 @@ class ModelInfo:
             mean=mean,
             std=std,
             preprocess=_string(values["preprocess"], "preprocess"),
+            model_args=model_args,
             test_accuracy=None if accuracy is None else _number(accuracy, "test_accuracy"),
             params=params,
             input=spec,

@@ -1,4 +1,5 @@
-"""Data stage: fetch MNIST / Fashion-MNIST from a mirror or the official hosts, verify, write the IDX files."""
+"""Fetching a data set's IDX files from a mirror or the official hosts: streamed, size-capped, deadline-bound,
+checksummed, and written whole or not at all."""
 from __future__ import annotations
 
 import gzip
@@ -6,18 +7,15 @@ import hashlib
 import math
 import os
 import shutil
-import signal
-import sys
 import tempfile
 import time
 import urllib.request
 import zlib
 from pathlib import Path
 
-import click
-
-from pipeline.common import PipelineError, stage_command, umask
-from pipeline.datasets import DATASETS, IMAGE_SIZE, SPLIT_SIZES, SPLITS, dataset_info
+from digitlens.metadata import IMAGE_SIZE
+from pipeline.common import PipelineError, umask
+from pipeline.datasets import SPLIT_SIZES, SPLITS, dataset_info
 
 MIRROR_ENV = "DATASET_MIRROR"
 TIMEOUT_ENV = "DATASET_TIMEOUT"
@@ -25,10 +23,6 @@ DEFAULT_TIMEOUT = 300  # seconds for one file from one source, however slowly it
 READ_TIMEOUT = 60  # seconds one read may wait
 CHUNK = 2**20
 GZIP_OVERHEAD = 2**20  # a .gz is never much larger than its content: stored blocks add 5 bytes per 64 KB
-
-
-class Stopped(BaseException):
-    """SIGTERM or SIGINT, raised where the stage is, so that its clean-ups run (no `except Exception` takes it)."""
 
 
 def mirror_source(mirror: str, dataset: str) -> str:
@@ -159,26 +153,3 @@ def fetch(dataset: str, out_dir: str | os.PathLike, log=print) -> None:
         os.replace(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def stop(signum, frame):
-    raise Stopped(signal.Signals(signum).name)
-
-
-@click.command(help="Fetch and verify one data set (mirror in $DATASET_MIRROR, else official hosts; "
-                    f"$DATASET_TIMEOUT seconds per file, default {DEFAULT_TIMEOUT}).")
-@click.option("--dataset", required=True, type=click.Choice(list(DATASETS)))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder to write.")
-@stage_command
-def main(dataset: str, out_dir: str) -> None:
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, stop)
-    try:
-        fetch(dataset, out_dir, log=lambda msg: print(msg, file=sys.stderr))
-    except Stopped as e:
-        click.echo(f"Error: stopped by {e}; nothing written", err=True)
-        sys.exit(128 + signal.Signals[str(e)])
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,239 @@
+"""The HTTP API and the draw-a-digit page of `serve`: FastAPI routes over the Classifier."""
+
+import logging
+import os
+import time
+from importlib import resources
+from typing import Annotated
+
+import anyio.to_thread
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, ValidationError
+from starlette.exceptions import HTTPException
+
+from digitlens.classifier import Classifier, Result
+from digitlens.errors import ModelError
+from digitlens.metadata import IMAGE_SIZE
+from digitlens.serve import MB, ServeConfig
+from digitlens.text import one_line, shown
+
+CANVAS_SIDE = 280  # pixels of the page's drawing area (index.html has it as {{CANVAS_SIDE}})
+# Requests decoded and classified at once per worker: one per core keeps the CPUs busy, and bounds memory at
+# MAX_CONCURRENT x the ~300 MB one image may take while it is prepared (docs/serve.md). Each session runs
+# a request on one thread, without spinning: requests, not operators, run in parallel.
+MAX_CONCURRENT = os.cpu_count() or 2
+SESSION_THREADS = 1
+log = logging.getLogger("digitlens.serve")
+
+
+def load_models(config: ServeConfig) -> dict[str, Classifier]:
+    """name (the file stem) -> Classifier; raises ModelError naming the file."""
+    models: dict[str, Classifier] = {}
+    for path in config.models:
+        try:
+            clf = Classifier(path, config.device, threads=SESSION_THREADS)
+        except ModelError as e:
+            raise ModelError(f"{shown(path)}: {e}") from None
+        if clf.name in models:
+            raise ModelError(f"two models are named {clf.name!r} ({models[clf.name].path}, {path}); rename one")
+        models[clf.name] = clf
+    return models
+
+
+class Images(BaseModel):
+    """The JSON request: arrays already in MNIST form, classified as they are (as `infer --raw`)."""
+
+    model_config = ConfigDict(json_schema_extra={"example": {"images": [[[0.0] * IMAGE_SIZE] * IMAGE_SIZE], "top_k": 3}})
+    images: list[list[list[StrictFloat]]] = Field(
+        min_length=1, description=f"{IMAGE_SIZE}x{IMAGE_SIZE} arrays, values in [0, 1], light on dark (MNIST form); "
+                                  "a wrong shape or value is that array's own error in the answer")
+    top_k: int | None = Field(None, ge=1, strict=True, description="classes per image, most probable first (default 1)")
+
+
+class NoUsableImage(Exception):
+    """A request none of whose images could be classified: 400 with every image's record."""
+
+    def __init__(self, results: list[Result]):
+        first = results[0]
+        super().__init__(f"{first.source}: {first.error}" if len(results) == 1 else
+                         f"none of the {len(results)} images is usable (first, {first.source}: {first.error})")
+        self.records = [r.to_dict() for r in results]
+
+
+def classify(clf: Classifier, sources: list, names: list[str], top_k: int, raw: bool) -> list[dict]:
+    """The records of `infer --format json` for one request's images (run in a worker thread)."""
+    results = list(clf.classify(sources, top_k, raw, names=names))
+    if not any(r.ok for r in results):
+        raise NoUsableImage(results)
+    return [r.to_dict() for r in results]
+
+
+def images_json(body: bytes) -> Images:
+    """The JSON body, validated; not JSON at all is 400, JSON of the wrong shape a validation error (422)."""
+    try:
+        return Images.model_validate_json(body)
+    except ValidationError as e:
+        invalid = next((err for err in e.errors() if err["type"] == "json_invalid"), None)
+        if invalid is not None:
+            raise HTTPException(400, f"body is not valid JSON ({invalid['ctx'].get('error', invalid['msg'])})") from None
+        raise RequestValidationError([err | {"loc": ("body", *err["loc"])} for err in e.errors()]) from None
+
+
+def validation_message(errors: list[dict]) -> str:
+    """The first validation error in one line: 'where: what (got value)'."""
+    err = errors[0]
+    where = ".".join(str(p) for p in err["loc"] if p not in ("body", "query"))
+    if where.endswith("top_k"):
+        return f"top_k must be a positive integer (got {err.get('input')!r})"
+    got = "" if err["type"] == "missing" else f" (got {one_line(repr(err.get('input')))[:80]})"
+    return f"{where}: {err['msg']}{got}"
+
+
+class AccessLog:
+    """ASGI middleware: one log line per request (client, method, path, status, time, and why, if it failed)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            why = scope.get("state", {}).get("error")
+            log.info("%s:%s \"%s %s\" %d %.1f ms%s", client[0], client[1], scope["method"], one_line(scope["path"]),
+                     status[0], 1000 * (time.perf_counter() - start), f": {one_line(why)}" if why else "")
+
+
+def error_response(request: Request, status: int, message: str, **extra) -> JSONResponse:
+    request.state.error = message
+    return JSONResponse({"error": message, **extra}, status)
+
+
+ERROR = {"content": {"application/json": {"schema": {
+    "type": "object", "properties": {"error": {"type": "string"}, "results": {"type": "array"}}}}}}
+PREDICT_RESPONSES = {
+    200: {"description": "one record per image: its predictions, or its error"},
+    400: ERROR | {"description": "no usable image (each one's error in `results`), a malformed body, no file in `files`"},
+    404: ERROR | {"description": "no such model"},
+    413: ERROR | {"description": "body over the size limit, or too many images"},
+    415: ERROR | {"description": "neither multipart/form-data nor application/json"},
+    422: ERROR | {"description": "bad top_k, or JSON that is not {\"images\": [arrays], \"top_k\": k}"},
+}
+
+
+def create_app(config: ServeConfig) -> FastAPI:
+    """The app, its models loaded (one onnxruntime session each, shared by all requests)."""
+    models = load_models(config)
+    page = (resources.files("digitlens") / "static" / "index.html").read_text(encoding="utf-8")
+    page = page.replace("{{CANVAS_SIDE}}", str(CANVAS_SIDE))
+    # docs_url and redoc_url would load Swagger UI / ReDoc from a CDN; the schema stays at /openapi.json
+    app = FastAPI(title="digitlens", version="1", docs_url=None, redoc_url=None,
+                  description="Classify images with exported MNIST / Fashion-MNIST models.")
+    app.state.models = models
+    app.add_middleware(AccessLog)
+    model_work = anyio.CapacityLimiter(MAX_CONCURRENT)
+
+    def model(name: str) -> Classifier:
+        if name not in models:
+            raise HTTPException(404, f"no model {name!r}; loaded: {', '.join(models)}")
+        return models[name]
+
+    def record(name: str) -> dict:
+        return {"name": name, **models[name].info.to_dict()}
+
+    @app.exception_handler(HTTPException)  # ours, and Starlette's: no such path (404), wrong method (405), ...
+    async def http_error(request: Request, e: HTTPException):
+        body_limit = e.status_code == 413 and e.detail == "Content Too Large"  # Starlette's body limiter
+        message = f"request body over the {config.max_bytes / MB:.3g} MB limit" if body_limit else str(e.detail)
+        response = error_response(request, e.status_code, message)
+        response.headers.update(e.headers or {})
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        return error_response(request, 422, validation_message(list(e.errors())))
+
+    @app.exception_handler(NoUsableImage)
+    async def no_usable_image(request: Request, e: NoUsableImage):
+        return error_response(request, 400, str(e), results=e.records)
+
+    @app.exception_handler(ModelError)
+    async def model_failed(request: Request, e: ModelError):
+        return error_response(request, 500, f"the model failed: {e}")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception):  # uvicorn logs the traceback
+        return error_response(request, 500, f"internal error ({type(e).__name__})")
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return HTMLResponse(page, headers={"Content-Security-Policy":
+                                           "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+                                           "img-src 'self' blob: data:"})
+
+    @app.get("/healthz", summary="Liveness: the process answers")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: the models are loaded")
+    async def readyz():  # the app exists only once every model has loaded, so answering means ready
+        return {"status": "ready", "models": list(models)}
+
+    @app.get("/v1/models", summary="The loaded models and their metadata")
+    async def list_models():
+        return {"models": [record(name) for name in models]}
+
+    @app.get("/v1/models/{name}", summary="One model's metadata", responses={404: ERROR})
+    async def one_model(clf: Annotated[Classifier, Depends(model)]):
+        return record(clf.name)
+
+    # The JSON form cannot be a second body parameter beside the multipart one (FastAPI takes one body
+    # encoding per route), so its schema is added from the Images model and the body parsed in the route.
+    @app.post("/v1/models/{name}/predict", summary="Classify images", responses=PREDICT_RESPONSES,
+              max_body_size=config.max_bytes,
+              openapi_extra={"requestBody": {"content": {"application/json": {"schema": Images.model_json_schema()}}}})
+    async def predict(
+        request: Request,
+        clf: Annotated[Classifier, Depends(model)],
+        files: Annotated[list[UploadFile] | None, File(description="image files (PNG, JPEG, GIF, BMP, TIFF, WEBP)")] = None,
+        top_k: Annotated[int | None, Query(ge=1, description="classes per image (default 1); wins over the body's")] = None,
+        form_top_k: Annotated[int | None, Form(alias="top_k", ge=1, description="classes per image (default 1)")] = None,
+    ):
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "application/json":
+            body = images_json(await request.body())
+            sources, names, raw, given = body.images, [f"images[{i}]" for i in range(len(body.images))], True, body.top_k
+        elif kind == "multipart/form-data":
+            if not files:
+                form = await request.form()  # already parsed: what the client sent instead
+                others = sorted({k for k, v in form.multi_items() if not isinstance(v, str)})
+                hint = f" (found files in {', '.join(map(repr, others))})" if others else ""
+                raise HTTPException(400, f"no file in the form field 'files'{hint}")
+            sources, names, raw, given = [f.file for f in files], [f.filename or "<file>" for f in files], False, form_top_k
+        else:
+            raise HTTPException(415, "send multipart/form-data (field 'files') or application/json (field 'images'), "
+                                     f"not {kind or 'no Content-Type'}")
+        if len(sources) > config.max_files:
+            raise HTTPException(413, f"{len(sources)} images in one request; the limit is {config.max_files}")
+        records = await anyio.to_thread.run_sync(classify, clf, sources, names, top_k or given or 1, raw,
+                                                 limiter=model_work)
+        return JSONResponse(records)
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The app factory each worker process calls (uvicorn --factory), the config read from CONFIG_ENV."""
+    return create_app(ServeConfig.from_env())

@@ -1,0 +1,75 @@
+"""The measurements in benchmarks/, each run as its documented command: `python -m benchmarks.NAME`."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.drawings import SAVED_AS, STYLES
+from tests.conftest import ROOT
+
+
+def benchmark(name: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def table_rows(stdout: str) -> dict[str, list[str]]:
+    """First word of each table row -> its cells (the rows after the header and its rule)."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("-")) + 1
+    return {line.split()[0]: line.split() for line in lines[start:] if line.strip()}
+
+
+def test_robustness_table_and_threshold(exported, data_root):
+    args = ["--model", exported("mnist", "cnn")[0], "--data", data_root / "mnist", "--count", "12"]
+    result = benchmark("robustness", *args, "--threshold", "0")
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(result.stdout)
+    assert list(rows) == ["original", *SAVED_AS, "overall"]
+    assert rows["overall"][1] == str(12 * len(SAVED_AS))
+    lowest = min(float(rows[name][3].rstrip("%")) for name in SAVED_AS)  # printed to 0.1 %
+    assert benchmark("robustness", *args, "--threshold", max(lowest - 0.05, 0)).returncode == 0
+    if lowest < 100:
+        assert benchmark("robustness", *args, "--threshold", lowest + 0.05).returncode == 1
+
+
+def test_robustness_and_handwriting_refuse_a_clothing_model(exported, data_root):
+    for name in ("robustness", "handwriting"):
+        result = benchmark(name, "--model", exported("fashion-mnist", "softmax")[0], "--data", data_root / "mnist",
+                           "--count", "5")
+        assert result.returncode == 2 and "a fashion-mnist model; this measurement uses MNIST digits" in result.stderr
+
+
+def test_handwriting_compares_models(exported, data_root):
+    first, other = exported("mnist", "cnn")[0], exported("mnist", "simple_cnn")[0]
+    result = benchmark("handwriting", "--model", first, "--model", other, "--data", data_root / "mnist", "--count", "30")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for style in STYLES:
+        assert any(line.lstrip().startswith(style) for line in lines), style
+    assert f"{other.stem} makes" in result.stdout and f"fewer errors than {first.stem}" in result.stdout
+    assert any(line.lstrip().startswith("all changed") and " 240 " in line for line in lines)  # 8 changes x 30
+
+
+@pytest.mark.slow
+def test_speed_prints_and_writes_every_figure(data_root, tmp_path):
+    out = tmp_path / "results.json"
+    result = benchmark("speed", "--data", data_root / "mnist", "--arch", "softmax", "--steps", "3", "--repeats", "1",
+                       "--out", out, "--infer-model", tmp_path / "absent.onnx")
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())
+    [row] = results["training"]
+    assert (row["arch"], row["batch_size"], row["steps"]) == ("softmax", 100, 3)
+    assert {"pipeline_img_s", "reference_loop_img_s"} <= set(row)
+    assert [(r["arch"], r["batch"]) for r in results["inference"]] == [("softmax", 1), ("softmax", 256)]
+    assert {"eager", "torchscript", "onnxruntime"} <= set(results["inference"][0])
+    assert "cold `infer`: skipped" in result.stdout and "cold_infer" not in results
+    assert "softmax" in result.stdout
+
+
+@pytest.mark.slow
+def test_loadtest_reports_the_server_against_the_api(exported):
+    result = benchmark("loadtest", "--model", exported("mnist", "cnn")[0], "--requests", "60", "--concurrency", "2")
+    assert result.returncode == 0, result.stderr
+    assert "errors     0" in result.stdout and "Classifier.predict of the same images" in result.stdout
