@@ -194,7 +194,7 @@ def content_box(mask: np.ndarray) -> tuple[slice, slice]:
     return slice(rows[0], rows[-1] + grow), slice(cols[0], cols[-1] + grow)
 
 
-def fit(a: np.ndarray, side: int) -> np.ndarray:
+def scale_to_fit(a: np.ndarray, side: int) -> np.ndarray:
     """Resized so that its longer side is `side`, keeping the aspect ratio."""
     h, w = a.shape
     scale = side / max(h, w)
@@ -215,7 +215,7 @@ def digit(grey: np.ndarray) -> np.ndarray:
     if ink - background < MIN_CONTRAST:
         raise ImageError(NO_CONTENT)
     x = without_background(x, background, ink - background)
-    patch = fit(x[content_box(x > DIGIT_INK)], DIGIT_BOX)
+    patch = scale_to_fit(x[content_box(x > DIGIT_INK)], DIGIT_BOX)
     h, w = patch.shape
     ys, xs = np.indices(patch.shape)
     mass = patch.sum()
@@ -231,7 +231,7 @@ def fashion(grey: np.ndarray) -> np.ndarray:
     if float(np.percentile(x, 99.9)) - background < MIN_CONTRAST:
         raise ImageError(NO_CONTENT)
     x = without_background(x, background, 1 - background)
-    patch = fit(x[content_box(x > FASHION_TRIM)], IMAGE_SIZE)
+    patch = scale_to_fit(x[content_box(x > FASHION_TRIM)], IMAGE_SIZE)
     h, w = patch.shape
     # an odd margin leaves its extra pixel above and to the left, as in Fashion-MNIST
     return paste(patch, (IMAGE_SIZE - h + 1) // 2, (IMAGE_SIZE - w + 1) // 2)

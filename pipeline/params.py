@@ -23,8 +23,7 @@ MAX_SEED = 2**63 - 1  # a signed 64-bit integer, which torch.manual_seed and eve
 
 
 class ParamsLoader(yaml.SafeLoader):
-    """YAML without anchors or aliases (params.yaml needs none; they allow "billion laughs"), without
-    duplicate keys, nested at most MAX_DEPTH deep."""
+    """YAML for a user-given params file: no anchors or aliases ("billion laughs"), no duplicate keys, MAX_DEPTH deep."""
 
     depth = 0
 
@@ -219,7 +218,7 @@ class Params(Strict):
         return augment.model_copy(update=off)
 
 
-def describe(error: dict) -> str:
+def error_text(error: dict) -> str:
     where = ".".join(str(p) for p in error["loc"])
     got = "" if error["type"] in ("missing", "value_error") else f" (got {error['input']!r})"
     return f"{where}: {error['msg']}{got}" if where else f"{error['msg']}{got}"
@@ -229,7 +228,7 @@ def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
-        raise PipelineError(f"{source}: " + "; ".join(describe(err) for err in e.errors())) from None
+        raise PipelineError(f"{source}: " + "; ".join(error_text(err) for err in e.errors())) from None
 
 
 def read_yaml(path: str | Path) -> Any:

@@ -468,9 +468,8 @@ def test_bad_mirror_is_cut_off_in_bounded_time_and_memory(tmp_path, http_mirror,
     mirror, env, reason = MIRRORS[case]
     env = {data.MIRROR_ENV: mirror(tmp_path, http_mirror), **env}
     out = tmp_path / "data" / "mnist"
-    start = time.monotonic()
-    result = limited(OFFLINE + module("pipeline.stages.data"), "--dataset", "mnist", "--out", out, env=env, timeout=120)
-    assert time.monotonic() - start < 60  # a guard, not a speed test: the deadline is 1 s, the caps ~50 MB
+    # a bound, not a speed test: the deadline is 1 s and the caps ~50 MB; a stage that hung would time out here
+    result = limited(OFFLINE + module("pipeline.stages.data"), "--dataset", "mnist", "--out", out, env=env, timeout=60)
     assert result.returncode == 1
     one_error(result.stderr, "Error: mnist/train-images-idx3-ubyte: no source worked", reason)
     assert list((tmp_path / "data").iterdir()) == []  # nothing written, no staging folder left
@@ -586,16 +585,14 @@ def train_args(folder, params_file) -> list[str]:
 
 
 @pytest.mark.parametrize("case", list(BAD_PARAMS))
-def test_bad_params_file_is_refused_quickly_in_one_line(tmp_path, case):
+def test_bad_params_file_is_refused_in_one_line(tmp_path, case):
     from pipeline.stages import train
 
     text, reason = BAD_PARAMS[case]
     path = tmp_path / "params.yaml"
     path.write_bytes(text.encode("utf-8", "surrogateescape"))
-    start = time.monotonic()
     result = CliRunner().invoke(train.main, train_args(tmp_path, path))
-    assert time.monotonic() - start < 10
-    assert result.exit_code == 1 and not result.stdout
+    assert result.exit_code == 1 and not result.stdout  # refused before any work: training logs to stdout
     one_error(result.stderr, f"Error: {path}: ", reason)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 

@@ -1,7 +1,7 @@
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
 from digitlens import images
 from digitlens.images import ImageError, prepare
@@ -100,7 +100,7 @@ def test_exif_orientation_is_applied(tmp_path):
     upright = np.zeros((40, 20), np.uint8)
     upright[:10] = 255  # a light band at the top
     exif = Image.Exif()
-    exif[0x0112] = 6  # stored rotated; displayed after turning 90 degrees clockwise
+    exif[ExifTags.Base.Orientation] = 6  # stored rotated; displayed after turning 90 degrees clockwise
     Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "r.jpg", exif=exif.tobytes())
     grey = images.to_grey(images.load(tmp_path / "r.jpg"))
     assert grey.shape == (40, 20) and grey[:10].mean() > 0.9 and grey[15:].mean() < 0.1

@@ -23,6 +23,21 @@ def test_light_install_has_no_torch_and_stays_small(light_venv):
     assert size < 300
 
 
+def test_the_base_install_ships_digitlens_alone_and_imports_no_torch(light_venv):
+    (site,) = (light_venv / "lib").glob("python3*/site-packages")
+    (record,) = site.glob("digitlens-*.dist-info/RECORD")
+    tops = {line.split("/", 1)[0] for line in record.read_text().splitlines() if "/" in line}
+    assert {t for t in tops if not t.endswith(".dist-info") and t != ".."} == {"digitlens"}  # no pipeline/, benchmarks/
+    assert (site / "digitlens" / "static" / "index.html").is_file()
+    for code in ("import digitlens, sys; print('torch' in sys.modules)",
+                 "import digitlens.infer, digitlens.serve, sys; print('torch' in sys.modules)"):
+        r = subprocess.run([light_venv / "bin" / "python", "-c", code], cwd=light_venv, capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout == "False\n", r.stderr
+    r = subprocess.run([light_venv / "bin" / "python", "-c", "import pipeline"], cwd=light_venv, capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and "No module named 'pipeline'" in r.stderr
+
+
 def test_infer_and_the_api_run_in_the_light_install(light_venv, exported, tmp_path, data_root):
     from PIL import Image
 
