@@ -34,14 +34,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def get(url: str, timeout: float = 5) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
 @contextlib.contextmanager
 def running_server(models: Sequence[str | os.PathLike], args: Sequence[str] = (),
                    log: str | os.PathLike | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
@@ -60,8 +52,8 @@ def running_server(models: Sequence[str | os.PathLike], args: Sequence[str] = ()
             if proc.poll() is not None:
                 raise RuntimeError(f"serve exited with status {proc.returncode} before it was ready"
                                    + (f"; see {log}" if log else ""))
-            with contextlib.suppress(OSError):
-                if get(f"{url}/readyz", timeout=1)[0] == 200:
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/readyz", timeout=1) as r:
+                if r.status == 200:  # (an error status raises HTTPError, an OSError)
                     break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"serve was not ready after {START_TIMEOUT} s")
@@ -84,34 +76,22 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def process_tree(pid: int) -> list[int]:
-    pids = [pid]
-    for p in pids:
-        for children in Path(f"/proc/{p}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                pids += [int(c) for c in children.read_text().split()]
-    return pids
+def server_processes(pid: int) -> list:
+    """The server and its workers, as psutil processes."""
+    import psutil
+
+    server = psutil.Process(pid)
+    return [server, *server.children(recursive=True)]
 
 
 def rss_mb(pid: int) -> float:
-    """Resident memory of a process and its children (the workers), in MB, from /proc."""
-    total = 0
-    for p in process_tree(pid):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])  # kB
-    return total / 1024
+    """Resident memory of the server and its workers, in MB."""
+    return sum(p.memory_info().rss for p in server_processes(pid)) / 2**20
 
 
 def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a process and its children (the workers) so far, from /proc."""
-    total = 0
-    for p in process_tree(pid):
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
-    return total / os.sysconf("SC_CLK_TCK")
+    """User and system CPU time of the server and its workers so far."""
+    return sum(t.user + t.system for t in (p.cpu_times() for p in server_processes(pid)))
 
 
 def api_cpu_ms(model: str, pngs: list[bytes], runs: int = API_RUNS) -> float:

@@ -196,12 +196,10 @@ def get(url: str, timeout: float = 5) -> tuple[int, bytes]:
 
 
 def process_tree(pid: int) -> list[int]:
-    pids = [pid]
-    for p in pids:
-        for children in Path(f"/proc/{p}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                pids += [int(c) for c in children.read_text().split()]
-    return pids
+    """`pid` and every process below it."""
+    import psutil
+
+    return [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from pipeline.datasets import DATASETS
-from pipeline.models import list_models
+from pipeline.models import list_models, load_checkpoint
 from pipeline.tensors import amp_dtype, precision_label
 from tests.conftest import ROOT
 
@@ -53,7 +53,7 @@ def test_repro_trains_evaluates_and_exports_every_model(quick_project):
     archs = list_models()
     for dataset in DATASETS:
         for arch in archs:
-            ckpt = __import__("torch").load(root / "models" / dataset / f"{arch}.pt", weights_only=True)
+            _, ckpt = load_checkpoint(root / "models" / dataset / f"{arch}.pt")
             assert ckpt.info.params["recipe"]["epochs"] == 1 and ckpt.info.params["data"]["train_limit"] == 2000
             metrics = json.loads((root / "reports" / dataset / arch / "metrics.json").read_text())
             assert 10 < metrics["accuracy"] <= 100 and metrics["epochs"] == 1
