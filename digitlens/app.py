@@ -1,5 +1,6 @@
 """The HTTP API and the draw-a-digit page of `serve`: FastAPI routes over the Classifier."""
 
+import asyncio
 import logging
 import os
 import time
@@ -12,6 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from digitlens.classifier import Classifier, Result
 from digitlens.errors import ModelError
@@ -25,6 +28,11 @@ CANVAS_SIDE = 280  # pixels of the page's drawing area (index.html has it as {{C
 # a request on one thread, without spinning: requests, not operators, run in parallel.
 MAX_CONCURRENT = os.cpu_count() or 2
 SESSION_THREADS = 1
+JSON_BYTES_PER_IMAGE = IMAGE_SIZE**2 * 32  # room for 28x28 numbers of up to 31 characters each, and a comma
+CLIENT_GONE = 499  # nginx's status for a client that closed the connection before its request was complete
+HEADERS = [(b"x-content-type-options", b"nosniff")]  # on every answer: browsers take each as the type it says
+PAGE_POLICY = ("default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src 'self' blob: data:; "
+               "frame-ancestors 'none'")  # the page: nothing from elsewhere, and no other site may frame it
 log = logging.getLogger("digitlens.serve")
 
 
@@ -57,8 +65,9 @@ class NoUsableImage(Exception):
 
     def __init__(self, results: list[Result]):
         first = results[0]
-        super().__init__(f"{first.source}: {first.error}" if len(results) == 1 else
-                         f"none of the {len(results)} images is usable (first, {first.source}: {first.error})")
+        name = one_line(shown(first.source))  # a file name may hold a line feed
+        super().__init__(f"{name}: {first.error}" if len(results) == 1 else
+                         f"none of the {len(results)} images is usable (first, {name}: {first.error})")
         self.records = [r.to_dict() for r in results]
 
 
@@ -112,7 +121,8 @@ def too_large(max_bytes: int) -> str:
 
 
 class AccessLog:
-    """ASGI middleware: one log line per request (client, method, path, status, time, and why, if it failed)."""
+    """ASGI middleware: one log line per request (client, method, path, status, time, and why, if it failed),
+    every client-given string escaped so that it cannot end or rewrite the line; and HEADERS on every answer."""
 
     def __init__(self, app):
         self.app = app
@@ -125,6 +135,7 @@ class AccessLog:
         async def send_and_note(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                message = message | {"headers": [*message.get("headers", ()), *HEADERS]}
             await send(message)
 
         try:
@@ -134,6 +145,67 @@ class AccessLog:
             why = scope.get("state", {}).get("error")
             log.info("%s:%s \"%s %s\" %d %.1f ms%s", client[0], client[1], scope["method"], one_line(scope["path"]),
                      status[0], 1000 * (time.perf_counter() - start), f": {one_line(why)}" if why else "")
+
+
+class DeadlineHttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the deadlines uvicorn lacks (it times only the idle gap between
+    requests): a request's head must arrive within `head_seconds` of the connection or of its first byte, its
+    body within `body_seconds` of the head; a late one closes the connection, so that a client sending a byte a
+    second (slowloris) holds nothing long. The seconds are the server process's, set by create_app."""
+
+    head_seconds, body_seconds = ServeConfig.head_seconds, ServeConfig.body_seconds
+    deadline: asyncio.TimerHandle | None = None
+
+    def arm(self, seconds: float, what: str) -> None:
+        self.disarm()
+        self.deadline = self.loop.call_later(seconds, self.expire, seconds, what)
+
+    def disarm(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    def expire(self, seconds: float, what: str) -> None:
+        client = self.client or ("-", 0)
+        log.info("%s:%s connection closed: %s not complete after %g s", client[0], client[1], what, seconds)
+        self.transport.close()  # an app still reading the body gets a disconnect: its request logs 499
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.arm(self.head_seconds, "no request (head)")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.arm(self.head_seconds, "request head")
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self.arm(self.body_seconds, "request body")
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.disarm()
+
+    def connection_lost(self, exc) -> None:
+        self.disarm()
+        super().connection_lost(exc)
+
+
+async def json_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) past `limit`, which is tighter than the route's: JSON costs far more memory to
+    parse than its bytes (8 MB of "[]," took 220 MB), so it is never read, let alone parsed, beyond it."""
+    message = f"a JSON body over {limit / MB:.3g} MB (room for {limit // JSON_BYTES_PER_IMAGE} arrays of " \
+              f"{IMAGE_SIZE}x{IMAGE_SIZE} numbers)"
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, message)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, message)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def error_response(request: Request, status: int, message: str, **extra) -> JSONResponse:
@@ -156,6 +228,7 @@ PREDICT_RESPONSES = {
 def create_app(config: ServeConfig) -> FastAPI:
     """The app, its models loaded (one onnxruntime session each, shared by all requests)."""
     models = load_models(config)
+    DeadlineHttpTools.head_seconds, DeadlineHttpTools.body_seconds = config.head_seconds, config.body_seconds
     page = (resources.files("digitlens") / "static" / "index.html").read_text(encoding="utf-8")
     page = page.replace("{{CANVAS_SIDE}}", str(CANVAS_SIDE))
     # docs_url and redoc_url would load Swagger UI / ReDoc from a CDN; the schema stays at /openapi.json
@@ -174,8 +247,14 @@ def create_app(config: ServeConfig) -> FastAPI:
     def record(name: str) -> dict:
         return {"name": name, **models[name].info.to_dict()}
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, e: ClientDisconnect):  # nobody to answer: one log line, no traceback
+        return error_response(request, CLIENT_GONE, "the client disconnected before its request was complete")
+
     @app.exception_handler(HTTPException)  # ours, and Starlette's: no such path (404), wrong method (405), ...
     async def http_error(request: Request, e: HTTPException):
+        if isinstance(e.__cause__, ClientDisconnect):  # FastAPI's form parsing wraps it in a 400
+            return await client_gone(request, e.__cause__)
         body_limit = e.status_code == 413 and e.detail == "Content Too Large"  # Starlette's body limiter
         message = too_large(config.max_bytes) if body_limit else str(e.detail)
         response = error_response(request, e.status_code, message)
@@ -200,15 +279,13 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.get("/", include_in_schema=False)
     async def index():
-        return HTMLResponse(page, headers={"Content-Security-Policy":
-                                           "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
-                                           "img-src 'self' blob: data:"})
+        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY})
 
-    @app.get("/healthz", summary="Liveness: the process answers")
+    @app.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness: the process answers")
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: the models are loaded")
+    @app.api_route("/readyz", methods=["GET", "HEAD"], summary="Readiness: the models are loaded")
     async def readyz():  # the app exists only once every model has loaded, so answering means ready
         return {"status": "ready", "models": list(models)}
 
@@ -234,7 +311,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     ):
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "application/json":
-            body = images_json(await request.body())
+            body = images_json(await json_body(request, min(config.max_bytes, config.max_files * JSON_BYTES_PER_IMAGE)))
             sources, names, raw, given = body.images, [f"images[{i}]" for i in range(len(body.images))], True, body.top_k
         elif kind == "multipart/form-data":
             if not files:

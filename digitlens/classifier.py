@@ -100,7 +100,7 @@ class Classifier:
         self.outputs = {o.name: o.type for o in self.session.get_outputs()}
         self.fixed_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
         try:
-            self.info = ModelInfo.from_metadata(self.session.get_modelmeta().custom_metadata_map)
+            self.info = ModelInfo.from_metadata(self.metadata())
         except MetadataError as e:
             if assume is None:
                 raise ModelError(f"{e}; for a model without this project's metadata, assume 'digit' or "
@@ -109,6 +109,12 @@ class Classifier:
         if self.info.preprocess not in PREPROCESSORS:
             raise ModelError(f"model metadata names unknown preprocessing {self.info.preprocess!r}")
         self._check_output(self.info.output)
+
+    def metadata(self) -> dict[str, str]:
+        try:
+            return self.session.get_modelmeta().custom_metadata_map
+        except UnicodeDecodeError:
+            raise ModelError("its metadata is not valid UTF-8 (a damaged or foreign file?)") from None
 
     def _check_output(self, name: str) -> None:
         if name not in self.outputs:
@@ -187,7 +193,7 @@ class Classifier:
         """A Result per input, in order, `batch_size` inputs per onnxruntime call; a bad input gets its
         error in its Result and the others go on. `raw`: inputs already 28x28 light on dark (MNIST form),
         only converted to grey. Raises ModelError if the model itself fails."""
-        if not isinstance(top_k, int) or top_k < 1:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be a positive integer (got {top_k!r})")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer (got {batch_size!r})")

@@ -99,7 +99,9 @@ def load(source: ImageInput) -> Image.Image:
     if isinstance(source, list):
         source = nested_array(source)
     if isinstance(source, np.ndarray):
-        return array_to_image(source)
+        img = array_to_image(source)
+        check_size(img)
+        return img
     if isinstance(source, Image.Image):
         check_size(source)
         try:

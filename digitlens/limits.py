@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 MAX_MODEL_BYTES = 256 * 2**20  # an .onnx file and its external data together
 MAX_IMAGE_BYTES = 50 * 2**20  # an encoded image (file, bytes or stream) larger than this is refused unread
 MAX_PIXELS = 20_000_000  # width x height after JPEG draft-mode decoding; keeps one image to about 300 MB
+MAX_ASPECT = 50  # longer side / shorter side: a strip thinner than this holds no digit, and shrinking one
+                 # of 20 million x 1 pixels took 1.2 GB and 7 s
 
 
 def external_data_locations(proto) -> Iterator[str]:
@@ -124,5 +126,7 @@ def check_size(img: Image.Image) -> None:
         raise ImageError(f"{w}x{h} pixels is more than the {MAX_PIXELS:,} this tool decodes; resize it first")
     if not w or not h:
         raise ImageError("has no pixels")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ImageError(f"{w}x{h} pixels is more than {MAX_ASPECT} times longer than wide; crop it to the content")
 
 

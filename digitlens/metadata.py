@@ -18,7 +18,7 @@ IMAGE_SIZE = 28  # both data sets: 28x28 grey images
 # How users' images are brought to a data set's form (params.yaml `datasets.<name>.preprocess`): the keys of
 # images.PREPROCESSORS, named here so that the training side need not import the image code
 PREPROCESSING = ("digit", "fashion")
-MIN_STD = 1e-6
+MIN_STD = 1e-3  # pixels in [0, 1] with a smaller spread are one colour
 # The tensor every exported model takes: float32 (batch, 1, 28, 28), pixels scaled to [0, 1]
 # with light strokes on a dark background (as in MNIST), then standardised with mean/std.
 INPUT_SPEC = {

@@ -23,6 +23,9 @@ class ServeConfig:
     device: str = "cpu"
     max_bytes: int = 10 * MB  # a request body larger than this is refused (413)
     max_files: int = 64  # images per request
+    max_connections: int = 64  # open connections per worker; more get 503 (uvicorn's limit_concurrency)
+    head_seconds: float = 10.0  # a request's line and headers must arrive within this
+    body_seconds: float = 60.0  # and its body within this of its headers (10 MB at 170 kB/s)
 
     @classmethod
     def from_env(cls) -> ServeConfig:
@@ -30,6 +33,17 @@ class ServeConfig:
             raise RuntimeError(f"{CONFIG_ENV} is not set; start the server with the serve command")
         values = json.loads(os.environ[CONFIG_ENV])
         return cls(**values | {"models": tuple(values["models"])})
+
+
+def between(low: float, high: float, unit: str):
+    """A click callback refusing a number outside [low, high] (NaN and infinities too, unlike FloatRange)."""
+
+    def check(ctx, param, value: float) -> float:
+        if not low <= value <= high:  # NaN fails both comparisons
+            raise BadUsage(f"--{param.name.replace('_', '-')}: give a number of {unit} from {low:g} to {high:g} "
+                           f"(got {value:g})")
+        return value
+    return check
 
 
 def log_config(logger: str) -> dict:
@@ -54,31 +68,43 @@ def log_config(logger: str) -> dict:
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Processes, each with its own copy of the models.")
-@click.option("--max-upload-mb", default=ServeConfig.max_bytes / MB, show_default=True,
-              type=click.FloatRange(min=0, min_open=True), help="Largest request body; larger ones get 413.")
+@click.option("--max-upload-mb", default=ServeConfig.max_bytes / MB, show_default=True, type=float,
+              callback=between(0.01, 1024, "megabytes"), help="Largest request body (0.01 to 1024); larger ones get 413.")
 @click.option("--max-files", default=ServeConfig.max_files, show_default=True, type=click.IntRange(min=1),
               help="Most images in one request; more get 413.")
+@click.option("--max-connections", default=ServeConfig.max_connections, show_default=True,
+              type=click.IntRange(1, 10_000), help="Open connections per worker; requests beyond get 503.")
+@click.option("--head-timeout", default=ServeConfig.head_seconds, show_default=True, type=float,
+              callback=between(0.1, 3600, "seconds"),
+              help="Seconds (0.1 to 3600) for a request's line and headers to arrive; a slower client is disconnected.")
+@click.option("--body-timeout", default=ServeConfig.body_seconds, show_default=True, type=float,
+              callback=between(0.1, 3600, "seconds"),
+              help="Seconds (0.1 to 3600) for a request's body to arrive after its headers; a slower client is "
+                   "disconnected.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(DEVICES),
               help="cuda needs onnxruntime-gpu; refused, not silently run on the CPU, when it is missing.")
 @click.version_option(package_name=DISTRIBUTION, prog_name="serve")
-def main(models, host, port, workers, max_upload_mb, max_files, device) -> None:
+def main(models, host, port, workers, max_upload_mb, max_files, max_connections, head_timeout, body_timeout,
+         device) -> None:
     import uvicorn
 
-    from digitlens.app import create_app, log
+    from digitlens.app import DeadlineHttpTools, create_app, log
 
-    config = ServeConfig(tuple(str(p.resolve()) for p in models), device, int(max_upload_mb * MB), max_files)
+    config = ServeConfig(tuple(str(p.resolve()) for p in models), device, int(max_upload_mb * MB), max_files,
+                         max_connections, head_timeout, body_timeout)
+    server = {"host": host, "port": port, "log_config": log_config(log.name), "access_log": False,
+              "http": DeadlineHttpTools, "limit_concurrency": max_connections}
     try:
         app = create_app(config)  # also checks every model before a worker starts
     except ModelError as e:
         raise BadUsage(str(e)) from None
     click.echo(f"serving {', '.join(app.state.models)}; the page is at http://{host}:{port}/", err=True)
     if workers == 1:
-        uvicorn.run(app, host=host, port=port, log_config=log_config(log.name), access_log=False)
+        uvicorn.run(app, **server)
         return
     del app
     os.environ[CONFIG_ENV] = json.dumps(asdict(config))
-    uvicorn.run("digitlens.app:app_from_env", factory=True, host=host, port=port, workers=workers,
-                log_config=log_config(log.name), access_log=False)
+    uvicorn.run("digitlens.app:app_from_env", factory=True, workers=workers, **server)
 
 
 def cli() -> None:

@@ -50,7 +50,12 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2) + "\n")
+    """Valid JSON only: a NaN or infinity is a PipelineError, not a file others cannot parse."""
+    try:
+        text = json.dumps(obj, indent=2, allow_nan=False)
+    except ValueError:
+        raise PipelineError(f"{path}: a value is not finite (NaN or infinity); nothing written") from None
+    write_text(path, text + "\n")
 
 
 def stage_command(fn: Callable) -> Callable:

@@ -134,7 +134,7 @@ def fetch_file(dataset: str, name: str, dest: str | os.PathLike = os.devnull) ->
         try:
             return download(source + name + ".gz", name, Path(dest), expected, timeout)
         except Exception as e:  # noqa: BLE001 - every failure moves on to the next source
-            tried.append(f"{source}{name}.gz ({str(e) or type(e).__name__})")
+            tried.append(f"{source}{name}.gz ({' '.join(str(e).split()) or type(e).__name__})")  # one line
     raise PipelineError(f"{dataset}/{name}: no source worked; tried " + "; ".join(tried))
 
 

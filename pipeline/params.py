@@ -7,10 +7,11 @@ import stat
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from digitlens.metadata import PREPROCESSING
+from digitlens.metadata import MIN_STD, PREPROCESSING
 from digitlens.text import first_line
 from pipeline.common import PipelineError
 from pipeline.datasets import DATASETS, SPLIT_SIZES
@@ -20,6 +21,8 @@ PARAMS_FILE = "params.yaml"
 MAX_PARAMS_BYTES = 2**20
 MAX_DEPTH = 20  # params.yaml nests four deep
 MAX_SEED = 2**63 - 1  # a signed 64-bit integer, which torch.manual_seed and every other generator take
+MAX_PARAMETERS = 50_000_000  # per model: 200 MB of float32 weights, far beyond what 28x28 images need
+MAX_LR = 100.0  # beyond it no recipe here trains; torch's own errors start near 1e300
 
 
 class ParamsLoader(yaml.SafeLoader):
@@ -90,7 +93,7 @@ class Augment(Strict):
 
 class Recipe(Strict):
     optimizer: Literal["sgd", "adam"]
-    lr: float = Field(gt=0)
+    lr: float = Field(gt=0, le=MAX_LR)
     momentum: float = Field(0.0, ge=0, lt=1)
     nesterov: bool = False  # SGD with Nesterov momentum
     weight_decay: float = Field(0.0, ge=0, lt=1)  # L2 on the weights of convolutions and linear layers only
@@ -113,7 +116,7 @@ class Recipe(Strict):
 
 class DatasetParams(Strict):
     mean: float = Field(ge=0, le=1)
-    std: float = Field(gt=0, le=1)
+    std: float = Field(ge=MIN_STD, le=1)  # a smaller one blows inputs up to infinity
     flip_invariant: bool  # a mirrored image keeps its label (clothes yes, digits no)
     pose_varies: bool  # images come rotated, slanted and scaled (handwriting yes, catalogue photos no)
     occlusion_invariant: bool  # a partly hidden image keeps its label (clothes yes; digits no: 8 -> 3)
@@ -167,12 +170,13 @@ class Params(Strict):
                 if arg not in accepted:
                     allowed = ", ".join(sorted(accepted)) or "none"
                     raise ValueError(f"{name}.model_args: unknown argument {arg!r}; allowed: {allowed}")
-            if not recipe.model_args:
-                continue  # the defaults are valid
-            try:  # the values too: the constructor checks them (a few ms on the CPU)
-                MODELS[name](**recipe.model_args)
+            try:  # the values too: the constructor checks them, on the meta device (no memory for weights)
+                with torch.device("meta"):
+                    size = sum(p.numel() for p in MODELS[name](**recipe.model_args).parameters())
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{name}.model_args: {e}") from None
+            if size > MAX_PARAMETERS:
+                raise ValueError(f"{name}.model_args: {size:,} parameters; the limit is {MAX_PARAMETERS:,}")
         return v
 
     @model_validator(mode="after")
@@ -247,6 +251,6 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         mark = e.problem_mark or e.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise PipelineError(f"{path}: cannot read params: {where}{e.problem or first_line(e)}") from None
-    except (OSError, yaml.YAMLError, RecursionError) as e:
+    except (OSError, yaml.YAMLError, RecursionError, ValueError) as e:  # ValueError: an integer of 4,300+ digits
         raise PipelineError(f"{path}: cannot read params ({getattr(e, 'strerror', None) or first_line(e)})") from None
     return parse_params(raw, str(path))

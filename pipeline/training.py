@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import sys
 import time
 from pathlib import Path
@@ -14,12 +15,17 @@ from tqdm import tqdm
 
 from digitlens.metadata import ModelInfo
 from pipeline.augment import random_affine, random_erasing, random_hflip
+from pipeline.common import PipelineError
 from pipeline.datasets import dataset_info, load_split
 from pipeline.models import Checkpoint, RunFacts, create_model
 from pipeline.params import PARAMS_FILE, Augment, OneCycle, Params, Recipe
 from pipeline.tensors import amp_dtype, device_name, pick_device, precision_label, predict_logits, score, to_inputs
 
 HISTORY_FIELDS = ["epoch", "train_loss", "test_loss", "test_accuracy", "lr", "seconds"]
+
+
+class Diverged(PipelineError):
+    """Training whose loss stopped being a number (NaN or infinity)."""
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -115,6 +121,8 @@ def fit(model, recipe: Recipe, train_x, train_y, test_x, test_y, *, hflip: bool,
                   leave=False, disable=not sys.stderr.isatty()) as progress:
             train_loss, last_loss = train_epoch(model, optimizer, train_x, train_y, batches, flip, progress, amp,
                                                 apply_augment, recipe.label_smoothing, per_batch)
+        if not math.isfinite(train_loss):  # one check an epoch: a per-batch one would wait for the device each step
+            raise Diverged(f"epoch {epoch}: the training loss is {train_loss}")
         if plateau is not None:
             plateau.step(last_loss)  # as tutorial 001: on the epoch's last batch loss
         test_loss, test_acc = score(predict_logits(model, test_x, eval_batch_size), test_y)
@@ -159,9 +167,13 @@ def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=pri
         f"{f', {threads} threads' if threads else ''}): {recipe.optimizer} lr {recipe.lr} batch {recipe.batch_size} "
         f"epochs {recipe.epochs}")
     start = time.perf_counter()
-    history = fit(model, recipe, train_x, train_y, test_x, test_y, hflip=params.hflip(dataset, arch),
-                  seed=params.seed, eval_batch_size=params.train.eval_batch_size, amp=amp,
-                  augment=params.augment(dataset, arch), background=-mean / std, log=log)
+    try:
+        history = fit(model, recipe, train_x, train_y, test_x, test_y, hflip=params.hflip(dataset, arch),
+                      seed=params.seed, eval_batch_size=params.train.eval_batch_size, amp=amp,
+                      augment=params.augment(dataset, arch), background=-mean / std, log=log)
+    except Diverged as e:
+        raise PipelineError(f"{arch} on {dataset} diverged, {e}: lower recipes.{arch}.lr ({recipe.lr:g}), or check "
+                            f"datasets.{dataset}.mean/std ({mean:g}/{std:g}); nothing written") from None
     train_time = time.perf_counter() - start
     info = ModelInfo(dataset=dataset, architecture=arch, class_names=list(classes), mean=mean, std=std,
                      preprocess=params.datasets[dataset].preprocess, model_args=dict(recipe.model_args),
