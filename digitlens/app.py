@@ -281,13 +281,16 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def index():
         return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY})
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness: the process answers")
+    @app.get("/healthz", summary="Liveness: the process answers")
     async def healthz():
         return {"status": "ok"}
 
-    @app.api_route("/readyz", methods=["GET", "HEAD"], summary="Readiness: the models are loaded")
+    @app.get("/readyz", summary="Readiness: the models are loaded")
     async def readyz():  # the app exists only once every model has loaded, so answering means ready
         return {"status": "ready", "models": list(models)}
+
+    for path, check in (("/healthz", healthz), ("/readyz", readyz)):  # load balancers ask with HEAD
+        app.add_api_route(path, check, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/v1/models", summary="The loaded models and their metadata")
     async def list_models():

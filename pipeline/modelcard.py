@@ -43,14 +43,16 @@ def recipe_text(params: dict) -> str:
     return ", ".join(parts)
 
 
-def model_card(name: str, info: ModelInfo, per_class: dict[str, float], parity: dict) -> str:
-    """Markdown for the model `name` (its file stem), from its metadata, per-class accuracy and parity report."""
+def model_card(name: str, info: ModelInfo, per_class: dict[str, float], parity: dict, sha256: dict[str, str]) -> str:
+    """Markdown for the model `name` (its file stem), from its metadata, per-class accuracy, parity report and
+    the SHA-256 of each of its files (file name -> hex digest)."""
     use, not_for = USES[info.preprocess]
     lines = [
         f"# `{name}`: {info.architecture} on {DATASET_TITLES.get(info.dataset, info.dataset)}",
         "",
         f"- Files: `{name}.onnx` (onnxruntime, opset and metadata inside), `{name}.pt` (TorchScript)",
         f"- Export id: `{info.export_id}` (the same in both files)",
+        *(f"- SHA-256 of `{file}`: `{digest}`" for file, digest in sha256.items()),
         f"- Test accuracy: **{info.test_accuracy:.2f} %** on the {parity['images']:,} test images",
         f"- Recipe: {recipe_text(info.params)}",
         f"- Input: float32 `({', '.join(map(str, info.input['shape']))})`, pixels in [0, 1] light on dark, "

@@ -116,7 +116,7 @@ class Recipe(Strict):
 
 class DatasetParams(Strict):
     mean: float = Field(ge=0, le=1)
-    std: float = Field(ge=MIN_STD, le=1)  # a smaller one blows inputs up to infinity
+    std: float = Field(gt=MIN_STD, le=1)  # a smaller one blows inputs up to infinity
     flip_invariant: bool  # a mirrored image keeps its label (clothes yes, digits no)
     pose_varies: bool  # images come rotated, slanted and scaled (handwriting yes, catalogue photos no)
     occlusion_invariant: bool  # a partly hidden image keeps its label (clothes yes; digits no: 8 -> 3)

@@ -135,7 +135,7 @@ def test_bad_arguments_and_models(clf, png, tmp_path):
 @pytest.mark.parametrize("field, value, reason", [
     ("normalization", '{"mean": NaN, "std": 0.3}', "normalization.mean must be a finite number"),
     ("normalization", '{"mean": 0.1, "std": Infinity}', "normalization.std must be a finite number"),
-    ("normalization", '{"mean": 0.1, "std": 1e-9}', r"normalization.std must be above 1e-06"),
+    ("normalization", '{"mean": 0.1, "std": 1e-9}', r"normalization.std must be above 0.001"),
     ("normalization", '{"mean": "0.1", "std": 0.3}', "normalization.mean must be a finite number"),
     ("class_names", '"0123456789"', "class_names must be a non-empty list of strings"),
     ("class_names", '{"a": 1}', "class_names must be a non-empty list of strings"),

@@ -184,9 +184,9 @@ def normalization(mean, std) -> str:
 BAD_METADATA = {  # id -> (metadata entries replaced, what the error says)
     "nan-mean": ({"normalization": normalization(math.nan, 0.3)}, "normalization.mean must be a finite number"),
     "inf-std": ({"normalization": normalization(0.1, math.inf)}, "normalization.std must be a finite number"),
-    "tiny-std": ({"normalization": normalization(0.1, 1e-7)}, "normalization.std must be above 1e-06"),
-    "zero-std": ({"normalization": normalization(0.1, 0)}, "normalization.std must be above 1e-06"),
-    "negative-std": ({"normalization": normalization(0.1, -0.3)}, "normalization.std must be above 1e-06"),
+    "tiny-std": ({"normalization": normalization(0.1, 1e-7)}, "normalization.std must be above 0.001"),
+    "zero-std": ({"normalization": normalization(0.1, 0)}, "normalization.std must be above 0.001"),
+    "negative-std": ({"normalization": normalization(0.1, -0.3)}, "normalization.std must be above 0.001"),
     "string-mean": ({"normalization": normalization("0.1", 0.3)}, "normalization.mean must be a finite number (got '0.1')"),
     "bool-std": ({"normalization": normalization(0.1, True)}, "normalization.std must be a finite number (got True)"),
     "names-in-a-string": ({"class_names": json.dumps("0123456789")}, "class_names must be a non-empty list of strings"),

@@ -229,3 +229,46 @@ def test_a_queued_sweep_runs_in_parallel_workers_and_shows_in_exp_show(pushed):
         log = dvc("queue", "logs", row["name"], cwd=root, env=env).stdout
         assert "1 threads)" in log  # the worker's OMP_NUM_THREADS reached the training stage
         assert "Running stage 'train@mnist-tuned_cnn'" in log and "Running stage 'train@mnist-cnn'" not in log
+
+
+def test_a_corrupted_model_on_the_remote_is_caught(pushed, tmp_path):
+    """The remote's copy of cnn.onnx altered in place, read-only as `dvc push` leaves it: with `verify true` the
+    pull refuses it; without, the card's SHA-256 and a re-hashing `dvc data status` both expose it."""
+    import hashlib
+    import re
+    import stat
+
+    root, env = pushed
+    remote = tmp_path / "remote"
+    shutil.copytree(dvc("remote", "list", cwd=root, env=env).stdout.split()[1], remote)
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    [md5] = [o["md5"] for o in lock["stages"]["export@cnn"]["outs"] if o["path"] == "artifacts/cnn.onnx"]
+    stored = remote / "files" / "md5" / md5[:2] / md5[2:]
+    stored.chmod(0o644)
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte of the weights
+    stored.write_bytes(bytes(data))
+    stored.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+
+    def clone(name: str) -> Path:
+        folder = tmp_path / name
+        git("clone", "-q", str(root), str(folder), cwd=tmp_path, env=env)
+        assert dvc("remote", "modify", "--local", "team", "url", str(remote), cwd=folder, env=env).returncode == 0
+        return folder
+
+    verified = clone("verified")
+    assert dvc("remote", "modify", "team", "verify", "true", cwd=verified, env=env).returncode == 0
+    result = dvc("pull", "artifacts/cnn.onnx", cwd=verified, env=env)
+    assert result.returncode != 0 and "Checkout failed" in result.stderr
+    assert not (verified / "artifacts" / "cnn.onnx").exists()
+
+    trusting = clone("trusting")
+    result = dvc("pull", "artifacts/cnn.onnx", "artifacts/cnn.md", cwd=trusting, env=env)
+    assert result.returncode == 0, result.stderr  # DVC alone does not notice
+    card = (trusting / "artifacts" / "cnn.md").read_text()
+    [recorded] = re.findall(r"SHA-256 of `cnn\.onnx`: `([0-9a-f]{64})`", card)
+    assert recorded == hashlib.sha256((root / "artifacts" / "cnn.onnx").read_bytes()).hexdigest()
+    assert recorded != hashlib.sha256((trusting / "artifacts" / "cnn.onnx").read_bytes()).hexdigest()
+    (trusting / "artifacts" / "cnn.onnx").touch()  # DVC hashes the file again only when it looks changed
+    status = dvc("data", "status", cwd=trusting, env=env)
+    assert re.search(r"modified: +artifacts/cnn\.onnx", status.stdout), status.stdout

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -43,7 +44,9 @@ def main(model_path, data_dir, metrics_path, classes_path, onnx_path, ts_path, p
     per_class = json.loads(Path(classes_path).read_text())["accuracy"]
     write_bytes(ts_path, ts_bytes)
     write_bytes(onnx_path, onnx_bytes)
-    write_text(card_path, model_card(Path(onnx_path).stem, info, per_class, report))
+    sha256 = {Path(path).name: hashlib.sha256(data).hexdigest() for path, data in ((onnx_path, onnx_bytes),
+                                                                                    (ts_path, ts_bytes))}
+    write_text(card_path, model_card(Path(onnx_path).stem, info, per_class, report, sha256))
     write_json(parity_path, report)
     print(f"{info.architecture} on {info.dataset}: {report['images']} test images, "
           f"ONNX max |diff| {report['onnx']['max_abs_diff']:.2e}, TorchScript max |diff| "
