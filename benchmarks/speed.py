@@ -23,7 +23,7 @@ from pipeline.models import MODELS, create_model
 from pipeline.params import Params, load_params
 from pipeline.reference import reference_dataset, reference_train_steps, reference_transform
 from pipeline.tensors import amp_dtype, device_name, pick_device, precision_label, to_inputs
-from pipeline.training import epoch_batches, make_optimizer, train_epoch
+from pipeline.training import augmentation, epoch_batches, make_optimizer, train_epoch
 
 # ---------------------------------------------------------------------------- timing helpers
 
@@ -47,7 +47,7 @@ def training_throughput(params: Params, dataset: str, arch: str, data_dir: Path,
     mean, std = params.normalization(dataset, arch)
     images, labels = load_split(data_dir, "train")
     x, y = to_inputs(images, mean, std, device), torch.from_numpy(labels).to(device)
-    hflip = params.hflip(dataset, arch)
+    augment = augmentation(params, dataset, arch)
     channels_last = params.train.channels_last
     amp = amp_dtype(params.train.amp, device)
     if channels_last:
@@ -62,9 +62,9 @@ def training_throughput(params: Params, dataset: str, arch: str, data_dir: Path,
 
     def pipeline_run(dtype=amp):
         batches = epoch_batches(len(x), recipe.batch_size, recipe.drop_last, generator, device)[:steps]
-        flip = (torch.rand(len(x), generator=generator) < 0.5).to(device) if hflip else None
+        draws = augment.draw(len(x), generator, device)  # a whole epoch's, as training draws them
         model, optimizer = fresh(torch.channels_last if channels_last else torch.contiguous_format)
-        train_epoch(model, optimizer, x, y, batches, flip, amp=dtype)
+        train_epoch(model, optimizer, x, y, batches, augment, draws, amp=dtype)
 
     def reference_run():  # the reference scripts' model: default memory format
         reference_train_steps(*fresh(), loader, device, steps)
@@ -81,7 +81,9 @@ def training_throughput(params: Params, dataset: str, arch: str, data_dir: Path,
         for name, fn in runs.items():
             seconds[name].append(timed(fn, device))
     img_s = {name: steps * recipe.batch_size / statistics.median(t) for name, t in seconds.items()}
-    row = {"batch_size": recipe.batch_size, "precision": precision_label(amp), "steps": steps}
+    parts = [("flip", augment.hflip), ("warp", augment.warps), ("erase", augment.erase)]
+    row = {"batch_size": recipe.batch_size, "precision": precision_label(amp), "steps": steps,
+           "augment": "+".join(name for name, on in parts if on) or "none"}
     row |= {f"{name}_img_s": round(v) for name, v in img_s.items()}
     row["ratio"] = round(img_s["pipeline"] / img_s["reference_loop"], 2)
     if amp is not None:
@@ -174,7 +176,7 @@ def main(data_dir, dataset, archs, steps, repeats, device_choice, infer_model, o
     print("\ntraining throughput (images/s, recipe batch size; reference loop = torchvision dataset + per-sample "
           "transforms + DataLoader)")
     print(table(training, ["arch", "batch_size", "precision", "pipeline_img_s", "pipeline_fp32_img_s",
-                           "reference_loop_img_s", "ratio", "ratio_fp32"]))
+                           "reference_loop_img_s", "ratio", "ratio_fp32", "augment"]))
 
     inference = []
     for arch in archs:

@@ -7,6 +7,9 @@ from digitlens.errors import ModelError
 from digitlens.text import first_line
 
 DEVICES = ("cpu", "cuda")
+# cuDNN's exhaustive search would time every convolution algorithm again for each new batch shape (each new
+# request size in `serve`); its heuristic picks one at once
+CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
 
 
 def onnx_session(source: bytes | str | os.PathLike, device: str = "cpu", threads: int | None = None):
@@ -20,7 +23,7 @@ def onnx_session(source: bytes | str | os.PathLike, device: str = "cpu", threads
         if "CUDAExecutionProvider" not in available:
             raise ModelError(f"device cuda: this onnxruntime has no CUDA provider (it has {', '.join(available)}); "
                              "install onnxruntime-gpu instead of onnxruntime, or use the CPU")
-        providers.insert(0, "CUDAExecutionProvider")
+        providers.insert(0, ("CUDAExecutionProvider", CUDA_OPTIONS))
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: errors come back as exceptions; a logged copy is a second line
     if threads is not None:
@@ -31,6 +34,10 @@ def onnx_session(source: bytes | str | os.PathLike, device: str = "cpu", threads
                                        providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
         raise ModelError(f"onnxruntime cannot load it ({first_line(e)})") from None
-    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
-        raise ModelError("device cuda: onnxruntime could not start CUDA (no GPU, or CUDA libraries missing)")
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in session.get_providers():
+            raise ModelError("device cuda: onnxruntime could not start CUDA (no GPU, or CUDA libraries missing)")
+        # a CUDA failure inside a run would otherwise be retried on the CPU, with a notice on stdout that
+        # corrupts `infer --format json/csv`: it is a ModelError instead
+        session.disable_fallback()
     return session

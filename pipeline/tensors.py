@@ -22,11 +22,18 @@ def device_name(device: torch.device) -> str:
 
 def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for training on `device` (None = plain float32)."""
-    if choice == "auto":
-        native = (torch.cuda.is_bf16_supported() if device.type == "cuda" else
+    if choice == "auto":  # native bf16 only: T4 and V100 emulate it, slower than float32
+        native = (torch.cuda.is_bf16_supported(including_emulation=False) if device.type == "cuda" else
                   torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
         return torch.bfloat16 if native else None
     return torch.bfloat16 if choice == "bf16" else None
+
+
+def full_fp32() -> None:
+    """Float32 matrix products and convolutions in full IEEE precision on CUDA (its default for convolutions is
+    TF32, 10-bit mantissas), so that a run labelled fp32 is fp32."""
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
 
 
 def precision_label(amp: torch.dtype | None) -> str:

@@ -14,12 +14,12 @@ from torch import nn
 from tqdm import tqdm
 
 from digitlens.metadata import ModelInfo
-from pipeline.augment import random_affine, random_erasing, random_hflip
+from pipeline.augment import Augmentation
 from pipeline.common import PipelineError
 from pipeline.datasets import dataset_info, load_split
 from pipeline.models import Checkpoint, RunFacts, create_model
-from pipeline.params import PARAMS_FILE, Augment, OneCycle, Params, Recipe
-from pipeline.tensors import amp_dtype, device_name, pick_device, precision_label, predict_logits, score, to_inputs
+from pipeline.params import PARAMS_FILE, OneCycle, Params, Recipe
+from pipeline.tensors import amp_dtype, device_name, full_fp32, pick_device, precision_label, predict_logits, score, to_inputs
 
 HISTORY_FIELDS = ["epoch", "train_loss", "test_loss", "test_accuracy", "lr", "seconds"]
 
@@ -35,24 +35,20 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     if recipe.weight_decay:
         params = [{"params": [p for p in params if p.ndim > 1], "weight_decay": recipe.weight_decay},
                   {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    fused = True if next(model.parameters()).is_cuda else None  # one kernel for all weights, not one each
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
-    return torch.optim.Adam(params, lr=recipe.lr)
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov, fused=fused)
+    return torch.optim.Adam(params, lr=recipe.lr, fused=fused)
 
 
-def augmenter(augment: Augment, background: float, generator: torch.Generator):
-    """A function that applies `augment` to a batch, or None when it changes nothing."""
-    warp = dict(rotate=augment.rotate, shear=augment.shear, scale=augment.scale, translate=augment.translate)
-    if not any(warp.values()) and not augment.erase:
-        return None
+NO_AUGMENTATION = Augmentation()
 
-    def apply(x: torch.Tensor) -> torch.Tensor:
-        if any(warp.values()):
-            x = random_affine(x, generator, **warp, fill=background)
-        if augment.erase:
-            x = random_erasing(x, generator, p=augment.erase)
-        return x
-    return apply
+
+def augmentation(params: Params, dataset: str, arch: str) -> Augmentation:
+    """What `arch`'s recipe does to the training images of `dataset` (less what would change their labels)."""
+    mean, std = params.normalization(dataset, arch)
+    return Augmentation(hflip=params.hflip(dataset, arch), **params.augment(dataset, arch).model_dump(),
+                        fill=-mean / std)
 
 
 def batches_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
@@ -67,20 +63,19 @@ def epoch_batches(n: int, batch_size: int, drop_last: bool, generator: torch.Gen
     return [perm[i * batch_size:(i + 1) * batch_size] for i in range(batches_per_epoch(n, batch_size, drop_last))]
 
 
-def train_epoch(model, optimizer, x, y, batches, flip=None, progress=None, amp: torch.dtype | None = None,
-                augment=None, label_smoothing: float = 0.0, scheduler=None) -> tuple[float, float]:
-    """One pass over `batches` (index tensors), each batch flipped where `flip` says and then passed through
-    `augment`, the forward under autocast to `amp` when given, `scheduler` stepped after every batch;
-    returns (mean loss, last batch's loss)."""
+def train_epoch(model, optimizer, x, y, batches, augment: Augmentation | None = None, draws: torch.Tensor | None = None,
+                progress=None, amp: torch.dtype | None = None, label_smoothing: float = 0.0,
+                scheduler=None) -> tuple[float, float]:
+    """One pass over `batches` (index tensors on x's device), each batch changed by `augment` with its rows of
+    the epoch's `draws`, the forward under autocast to `amp` when given, `scheduler` stepped after every batch;
+    returns (mean loss, last batch's loss): the only values that leave the device, once, at the end."""
     model.train()
     total = torch.zeros((), device=x.device)
     count = 0
     for idx in batches:
         xb, yb = x[idx], y[idx]
-        if flip is not None:
-            xb = random_hflip(xb, flip[idx])
-        if augment is not None:
-            xb = augment(xb)
+        if draws is not None:
+            xb = augment(xb, draws[idx])
         with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
             loss = F.cross_entropy(model(xb), yb, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
@@ -95,11 +90,10 @@ def train_epoch(model, optimizer, x, y, batches, flip=None, progress=None, amp: 
     return (total / count).item(), loss.item()
 
 
-def fit(model, recipe: Recipe, train_x, train_y, test_x, test_y, *, hflip: bool, seed: int,
-        eval_batch_size: int, amp: torch.dtype | None = None, augment: Augment | None = None,
-        background: float = 0.0, log=print) -> list[dict]:
-    """Train `model` in place with `recipe` and `augment` (what the data set allows of the recipe's augmentation,
-    none when None; `background` is the input value of a black pixel); returns the per-epoch history."""
+def fit(model, recipe: Recipe, train_x, train_y, test_x, test_y, *, seed: int, eval_batch_size: int,
+        amp: torch.dtype | None = None, augment: Augmentation = NO_AUGMENTATION, log=print) -> list[dict]:
+    """Train `model` in place with `recipe` and `augment` (what the data set allows of the recipe's
+    augmentation); returns the per-epoch history."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = make_optimizer(model, recipe)
     plateau = per_batch = None
@@ -110,17 +104,16 @@ def fit(model, recipe: Recipe, train_x, train_y, test_x, test_y, *, hflip: bool,
             **recipe.scheduler.model_dump(exclude={"kind"}))
     elif recipe.scheduler is not None:
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **recipe.scheduler.model_dump())
-    apply_augment = augmenter(augment, background, generator) if augment is not None else None
     history = []
     for epoch in range(1, recipe.epochs + 1):
         start = time.perf_counter()
         batches = epoch_batches(len(train_x), recipe.batch_size, recipe.drop_last, generator, train_x.device)
-        flip = (torch.rand(len(train_x), generator=generator) < 0.5).to(train_x.device) if hflip else None
+        draws = augment.draw(len(train_x), generator, train_x.device)
         lr = optimizer.param_groups[0]["lr"]
         with tqdm(total=len(batches), desc=f"epoch {epoch}/{recipe.epochs}", unit="batch",
                   leave=False, disable=not sys.stderr.isatty()) as progress:
-            train_loss, last_loss = train_epoch(model, optimizer, train_x, train_y, batches, flip, progress, amp,
-                                                apply_augment, recipe.label_smoothing, per_batch)
+            train_loss, last_loss = train_epoch(model, optimizer, train_x, train_y, batches, augment, draws, progress,
+                                                amp, recipe.label_smoothing, per_batch)
         if not math.isfinite(train_loss):  # one check an epoch: a per-batch one would wait for the device each step
             raise Diverged(f"epoch {epoch}: the training loss is {train_loss}")
         if plateau is not None:
@@ -161,6 +154,8 @@ def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=pri
         model = model.to(memory_format=torch.channels_last)
         train_x, test_x = (t.contiguous(memory_format=torch.channels_last) for t in (train_x, test_x))
     amp = amp_dtype(params.train.amp, device)
+    if device.type == "cuda":
+        full_fp32()  # what autocast leaves in float32 stays float32, and the label says so
     precision = precision_label(amp)
     threads = torch.get_num_threads() if device.type == "cpu" else None
     log(f"training {arch} on {dataset} ({len(train_x)} images) on {device} ({precision}"
@@ -168,9 +163,9 @@ def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=pri
         f"epochs {recipe.epochs}")
     start = time.perf_counter()
     try:
-        history = fit(model, recipe, train_x, train_y, test_x, test_y, hflip=params.hflip(dataset, arch),
-                      seed=params.seed, eval_batch_size=params.train.eval_batch_size, amp=amp,
-                      augment=params.augment(dataset, arch), background=-mean / std, log=log)
+        history = fit(model, recipe, train_x, train_y, test_x, test_y, seed=params.seed,
+                      eval_batch_size=params.eval_batch(device.type), amp=amp, augment=augmentation(params, dataset, arch),
+                      log=log)
     except Diverged as e:
         raise PipelineError(f"{arch} on {dataset} diverged, {e}: lower recipes.{arch}.lr ({recipe.lr:g}), or check "
                             f"datasets.{dataset}.mean/std ({mean:g}/{std:g}); nothing written") from None

@@ -1,5 +1,6 @@
 """The measurements in benchmarks/, each run as its documented command: `python -m benchmarks.NAME`."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -60,7 +61,7 @@ def test_speed_prints_and_writes_every_figure(data_root, tmp_path):
     assert result.returncode == 0, result.stderr
     results = json.loads(out.read_text())
     [row] = results["training"]
-    assert (row["arch"], row["batch_size"], row["steps"]) == ("softmax", 100, 3)
+    assert (row["arch"], row["batch_size"], row["steps"], row["augment"]) == ("softmax", 100, 3, "none")
     assert {"pipeline_img_s", "reference_loop_img_s"} <= set(row)
     assert [(r["arch"], r["batch"]) for r in results["inference"]] == [("softmax", 1), ("softmax", 256)]
     assert {"eager", "torchscript", "onnxruntime"} <= set(results["inference"][0])
@@ -73,3 +74,10 @@ def test_loadtest_reports_the_server_against_the_api(exported):
     result = benchmark("loadtest", "--model", exported("mnist", "cnn")[0], "--requests", "60", "--concurrency", "2")
     assert result.returncode == 0, result.stderr
     assert "errors     0" in result.stdout and "Classifier.predict of the same images" in result.stdout
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a machine with an NVIDIA GPU runs the real check")
+def test_the_gpu_check_says_there_is_no_gpu_and_runs_nothing():
+    result = subprocess.run(["bash", ROOT / "benchmarks" / "gpu-check.sh"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == "gpu-check: no NVIDIA GPU on this machine; nothing run\n"
+    assert not (ROOT / ".venv-gpu").exists()

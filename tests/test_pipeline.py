@@ -40,11 +40,13 @@ def quick_project(tmp_path_factory, mirror):
                GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.org")
     for git in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "project"]):
         subprocess.run(["git", *git], cwd=root, env=env, check=True)
-    # the README's quick run of the whole pipeline
-    result = dvc("exp", "run", "-S", "train.epochs=1", "-S", "data.train_limit=2000", cwd=root, env=env)
+    # the README's quick run of the whole pipeline, pinned to the CPU: what the tests below read of it (device,
+    # threads in the logs) is the CPU's, and a machine with CUDA would otherwise train there
+    result = dvc("exp", "run", "-S", "train.epochs=1", "-S", "data.train_limit=2000", "-S", "device=cpu", cwd=root,
+                 env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     params = yaml.safe_load((root / "params.yaml").read_text())
-    assert params["train"]["epochs"] == 1 and params["data"]["train_limit"] == 2000
+    assert params["train"]["epochs"] == 1 and params["data"]["train_limit"] == 2000 and params["device"] == "cpu"
     return root, env, result
 
 

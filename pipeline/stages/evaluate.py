@@ -27,7 +27,7 @@ from pipeline.reports import evaluate, plot_mistakes, plot_report, predictions_c
 @stage_command
 def main(model_path: str, data_dir: str, metrics_path: str, classes_path: str, predictions: str, run_path: str,
          plot: str, mistakes: str, params_file: str) -> None:
-    batch_size = load_params(params_file).train.eval_batch_size
+    batch_size = load_params(params_file).eval_batch("cpu")
     model, ckpt = load_checkpoint(model_path)
     images, labels = load_split(data_dir, "test")
     metrics, per_class, probs = evaluate(model, ckpt, images, labels, batch_size)

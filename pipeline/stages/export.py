@@ -34,7 +34,7 @@ from pipeline.tensors import to_inputs
 @stage_command
 def main(model_path, data_dir, metrics_path, classes_path, onnx_path, ts_path, parity_path, card_path,
          params_file) -> None:
-    batch_size = load_params(params_file).train.eval_batch_size
+    batch_size = load_params(params_file).eval_batch("cpu")  # onnxruntime and PyTorch, on the CPU
     model, ckpt = load_checkpoint(model_path)
     info = dataclasses.replace(ckpt.info, test_accuracy=float(json.loads(Path(metrics_path).read_text())["accuracy"]),
                                export_id=export_id(model_path))
