@@ -67,7 +67,8 @@ def quick_run(project: Path, env: dict) -> None:
 
 
 def epoch_times(project: Path, device) -> None:
-    """One full epoch of cnn and tuned_cnn on each data set: seconds, and host-device syncs it made."""
+    """One full epoch of cnn and tuned_cnn on each data set, eager and under torch.compile: seconds, and the
+    host-device syncs the eager one made."""
     import torch
 
     from pipeline.datasets import load_split
@@ -99,8 +100,17 @@ def epoch_times(project: Path, device) -> None:
                     torch.cuda.set_sync_debug_mode("default")
                 torch.cuda.synchronize()
                 seconds.append(time.perf_counter() - start)
+            compiled = torch.compile(model)
+            for _ in range(2):  # the first compiles
+                batches = epoch_batches(len(x), recipe.batch_size, recipe.drop_last, generator, device)
+                draws = augment.draw(len(x), generator, device)
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                train_epoch(compiled, optimizer, x, y, batches, augment, draws, amp=amp)
+                torch.cuda.synchronize()
             click.echo(f"epoch      {arch} on {dataset}: {seconds[1]:.2f} s for {len(x):,} images "
-                       f"({len(x) / seconds[1]:,.0f} images/s), {len(syncs)} host-device syncs")
+                       f"({len(x) / seconds[1]:,.0f} images/s), {len(syncs)} host-device syncs; under torch.compile "
+                       f"{time.perf_counter() - start:.2f} s")
 
 
 def classify_on_cuda(project: Path) -> None:
