@@ -11,7 +11,9 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
     echo "gpu-check: no NVIDIA GPU on this machine; nothing run"
     exit 0
 fi
-export DATASET_MIRROR="$(cd "${DATASET_MIRROR:-../shared/datasets}" && pwd)"
+mirror="$(cd "${DATASET_MIRROR:-../shared/datasets}" 2>/dev/null && pwd)" || {
+    echo "gpu-check: FAILED: no data mirror at ${DATASET_MIRROR:-../shared/datasets} (set DATASET_MIRROR)" >&2; exit 1; }
+export DATASET_MIRROR="$mirror"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 PYTHON=${PYTHON:-python3}
 # torch with CUDA and onnxruntime-gpu: an environment that has them is used as it is; else one is made

@@ -74,10 +74,11 @@ def epoch_times(project: Path, device) -> None:
     from pipeline.datasets import load_split
     from pipeline.models import create_model
     from pipeline.params import load_params
-    from pipeline.tensors import amp_dtype, to_inputs
+    from pipeline.tensors import amp_dtype, full_fp32, to_inputs
     from pipeline.training import augmentation, epoch_batches, make_optimizer, train_epoch
 
     params = load_params(ROOT / "params.yaml")
+    full_fp32()  # as training does on CUDA
     for dataset in ("mnist", "fashion-mnist"):
         images, labels = load_split(project / "data" / dataset, "train")
         for arch in ("cnn", "tuned_cnn"):

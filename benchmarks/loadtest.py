@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from digitlens.app import CANVAS_SIDE
+from digitlens.app import CANVAS_SIDE, SESSION_THREADS
 
 START_TIMEOUT = 120  # seconds for the server to load its models and answer /readyz
 WARMUP = 50  # requests sent before the measurement (and the first memory reading)
@@ -94,12 +94,12 @@ def cpu_seconds(pid: int) -> float:
     return sum(t.user + t.system for t in (p.cpu_times() for p in server_processes(pid)))
 
 
-def api_cpu_ms(model: str, pngs: list[bytes], runs: int = API_RUNS) -> float:
-    """CPU milliseconds of one `Classifier.predict` of one of `pngs`, in this process: what the server adds
-    nothing to."""
+def api_cpu_ms(model: str, pngs: list[bytes], threads: int | None, runs: int = API_RUNS) -> float:
+    """CPU milliseconds of one `Classifier.predict` of one of `pngs` in this process, with `threads` onnxruntime
+    threads (None: its default, spinning): the work the server adds HTTP to."""
     from digitlens import Classifier
 
-    clf = Classifier(model)
+    clf = Classifier(model, threads=threads)
     for png in pngs:
         clf.predict(png)
     cpu = time.process_time()
@@ -157,7 +157,7 @@ async def load(url: str, pngs: list[bytes], requests: int, concurrency: int, max
     return {"latencies": latencies, "errors": errors, "seconds": seconds, "client_cpu": cpu}
 
 
-def report(run: dict, rss_before: float, rss_after: float, server_cpu: float, api_ms: float) -> str:
+def report(run: dict, rss_before: float, rss_after: float, server_cpu: float, api_ms: float, api_one_ms: float) -> str:
     lat = np.array(run["latencies"] or [float("nan")])
     p50, p95, p99 = np.percentile(lat, [50, 95, 99])
     lines = [
@@ -169,6 +169,8 @@ def report(run: dict, rss_before: float, rss_after: float, server_cpu: float, ap
         f"server     {1000 * server_cpu / max(1, len(run['latencies'])):.2f} ms CPU per request; "
         f"Classifier.predict of the same images {api_ms:.2f} ms CPU in this process "
         f"(server / API: {1000 * server_cpu / max(1, len(run['latencies'])) / api_ms:.2f}x)",
+        f"           with one thread, as the server's sessions: {api_one_ms:.2f} ms "
+        f"(server / API: {1000 * server_cpu / max(1, len(run['latencies'])) / api_one_ms:.2f}x)",
         f"errors     {len(run['errors'])}" + (f" (first: {run['errors'][0]})" if run["errors"] else ""),
         f"server RSS {rss_before:.0f} MB before, {rss_after:.0f} MB after ({rss_after - rss_before:+.0f} MB)",
     ]
@@ -206,12 +208,12 @@ def main(models, requests, concurrency, max_seconds, workers) -> None:
             before, cpu = rss_mb(proc.pid), cpu_seconds(proc.pid)
             run = asyncio.run(load(predict, pngs, requests, concurrency, max_seconds))
             after, cpu = rss_mb(proc.pid), cpu_seconds(proc.pid) - cpu
-        api_ms = api_cpu_ms(models[0], pngs)  # after the server stopped: on a quiet machine
+        api_ms, api_one_ms = (api_cpu_ms(models[0], pngs, t) for t in (None, SESSION_THREADS))  # the server stopped
     except RuntimeError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"serve {name}, {workers} worker(s), {concurrency} concurrent clients, {os.cpu_count()} CPUs "
                f"(server log: {log})")
-    click.echo(report(run, before, after, cpu, api_ms))
+    click.echo(report(run, before, after, cpu, api_ms, api_one_ms))
     sys.exit(1 if run["errors"] else 0)
 
 

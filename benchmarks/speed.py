@@ -22,7 +22,7 @@ from pipeline.datasets import DATASETS, dataset_info, load_split
 from pipeline.models import MODELS, create_model
 from pipeline.params import Params, load_params
 from pipeline.reference import reference_dataset, reference_train_steps, reference_transform
-from pipeline.tensors import amp_dtype, device_name, pick_device, precision_label, to_inputs
+from pipeline.tensors import amp_dtype, device_name, full_fp32, pick_device, precision_label, to_inputs
 from pipeline.training import augmentation, epoch_batches, make_optimizer, train_epoch
 
 # ---------------------------------------------------------------------------- timing helpers
@@ -50,6 +50,8 @@ def training_throughput(params: Params, dataset: str, arch: str, data_dir: Path,
     augment = augmentation(params, dataset, arch)
     channels_last = params.train.channels_last
     amp = amp_dtype(params.train.amp, device)
+    if device.type == "cuda":
+        full_fp32()  # as training: "fp32" is IEEE float32, not TF32
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     loader = DataLoader(reference_dataset(dataset, data_dir, True, reference_transform(params, dataset, arch)),

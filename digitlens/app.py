@@ -122,7 +122,9 @@ def too_large(max_bytes: int) -> str:
 
 class AccessLog:
     """ASGI middleware: one log line per request (client, method, path, status, time, and why, if it failed),
-    every client-given string escaped so that it cannot end or rewrite the line; and HEADERS on every answer."""
+    every client-given string escaped so that it cannot end or rewrite the line; HEADERS on every answer; and
+    the JSON 500 of an unexpected error (Starlette would answer it outside every middleware: no headers, no
+    reason in the line), its traceback to the log only."""
 
     def __init__(self, app):
         self.app = app
@@ -135,11 +137,19 @@ class AccessLog:
         async def send_and_note(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                scope.setdefault("state", {})["answered"] = True
                 message = message | {"headers": [*message.get("headers", ()), *HEADERS]}
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_note)
+        except Exception as e:
+            log.error("internal error in %s %s", scope["method"], one_line(scope["path"]), exc_info=True)
+            if scope.get("state", {}).get("answered"):  # an answer has begun: it can only be cut short
+                raise
+            message = f"internal error ({type(e).__name__})"
+            scope.setdefault("state", {})["error"] = message
+            await JSONResponse({"error": message}, 500)(scope, receive, send_and_note)
         finally:
             client = scope.get("client") or ("-", 0)
             why = scope.get("state", {}).get("error")
@@ -194,8 +204,9 @@ class DeadlineHttpTools(HttpToolsProtocol):
 async def json_body(request: Request, limit: int) -> bytes:
     """The body, refused (413) past `limit`, which is tighter than the route's: JSON costs far more memory to
     parse than its bytes (8 MB of "[]," took 220 MB), so it is never read, let alone parsed, beyond it."""
-    message = f"a JSON body over {limit / MB:.3g} MB (room for {limit // JSON_BYTES_PER_IMAGE} arrays of " \
-              f"{IMAGE_SIZE}x{IMAGE_SIZE} numbers)"
+    arrays = limit // JSON_BYTES_PER_IMAGE
+    message = (f"a JSON body over {limit / MB:.3g} MB (room for {arrays} arrays of {IMAGE_SIZE}x{IMAGE_SIZE} numbers)"
+               if arrays else too_large(limit))
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, message)
@@ -272,10 +283,6 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.exception_handler(ModelError)
     async def model_failed(request: Request, e: ModelError):
         return error_response(request, 500, f"the model failed: {e}")
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, e: Exception):  # uvicorn logs the traceback
-        return error_response(request, 500, f"internal error ({type(e).__name__})")
 
     @app.get("/", include_in_schema=False)
     async def index():

@@ -1,6 +1,7 @@
 """The `serve` command: the HTTP API and draw-a-digit page of digitlens/app.py (the [serve] extra) on uvicorn."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -73,7 +74,8 @@ def log_config(logger: str) -> dict:
 @click.option("--max-files", default=ServeConfig.max_files, show_default=True, type=click.IntRange(min=1),
               help="Most images in one request; more get 413.")
 @click.option("--max-connections", default=ServeConfig.max_connections, show_default=True,
-              type=click.IntRange(1, 10_000), help="Open connections per worker; requests beyond get 503.")
+              type=click.IntRange(1, 10_000), help="Connections served at once per worker; a request on one more "
+                                                   "gets 503.")
 @click.option("--head-timeout", default=ServeConfig.head_seconds, show_default=True, type=float,
               callback=between(0.1, 3600, "seconds"),
               help="Seconds (0.1 to 3600) for a request's line and headers to arrive; a slower client is disconnected.")
@@ -92,8 +94,9 @@ def main(models, host, port, workers, max_upload_mb, max_files, max_connections,
 
     config = ServeConfig(tuple(str(p.resolve()) for p in models), device, int(max_upload_mb * MB), max_files,
                          max_connections, head_timeout, body_timeout)
+    # uvicorn refuses a request once its connections (the asking one included) reach limit_concurrency
     server = {"host": host, "port": port, "log_config": log_config(log.name), "access_log": False,
-              "http": DeadlineHttpTools, "limit_concurrency": max_connections}
+              "http": DeadlineHttpTools, "limit_concurrency": max_connections + 1}
     try:
         app = create_app(config)  # also checks every model before a worker starts
     except ModelError as e:
@@ -103,6 +106,7 @@ def main(models, host, port, workers, max_upload_mb, max_files, max_connections,
         uvicorn.run(app, **server)
         return
     del app
+    gc.collect()  # the app's routes refer back to it: free the supervisor's copy of the models now
     os.environ[CONFIG_ENV] = json.dumps(asdict(config))
     uvicorn.run("digitlens.app:app_from_env", factory=True, workers=workers, **server)
 

@@ -5,7 +5,7 @@ import inspect
 import os
 import stat
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import yaml
@@ -136,7 +136,7 @@ class DataParams(Strict):
 
 class TrainParams(Strict):
     epochs: int | None = Field(None, gt=0)  # quick runs: replaces every recipe's epoch count
-    eval_batch_size: int | Literal["auto"] = "auto"  # auto: EVAL_BATCH[device type]
+    eval_batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"  # auto: EVAL_BATCH[device type]
     channels_last: bool = True  # NHWC memory format for the convolutional models
     # bfloat16 autocast of the training forward pass (weights, optimiser and evaluation stay float32):
     # auto = where the device computes bf16 natively (oneDNN on the CPU, CUDA with bf16), else off

@@ -5,8 +5,9 @@ import torch
 
 from digitlens import runtime
 from pipeline import training as tr
+from pipeline.common import PipelineError
 from pipeline.models import create_model
-from pipeline.params import EVAL_BATCH, Recipe
+from pipeline.params import EVAL_BATCH, Recipe, parse_params
 from pipeline.tensors import amp_dtype, full_fp32
 
 
@@ -45,6 +46,11 @@ def test_evaluation_batches_are_sized_for_the_device(params):
     assert params.eval_batch("cpu") == EVAL_BATCH["cpu"] == 100 and params.eval_batch("cuda") == EVAL_BATCH["cuda"]
     fixed = params.model_copy(update={"train": params.train.model_copy(update={"eval_batch_size": 250})})
     assert fixed.eval_batch("cpu") == fixed.eval_batch("cuda") == 250
+    raw = params.model_dump()
+    for bad in (0, -3, "big", True):
+        raw["train"]["eval_batch_size"] = bad
+        with pytest.raises(PipelineError, match=r"train\.eval_batch_size"):
+            parse_params(raw)
 
 
 def test_onnxruntime_cuda_sessions_search_heuristically_and_never_fall_back(monkeypatch):

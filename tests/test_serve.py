@@ -334,8 +334,9 @@ def test_failures_are_json_500_and_the_server_goes_on(make_client, digits, monke
         return classify
 
     monkeypatch.setattr(clf, "classify", failing(RuntimeError("secret\ndetail")))
-    body = assert_error(client.post(predict_url(), files={"files": ("a.png", digits[0][1])}), 500)
-    assert body == {"error": "internal error (RuntimeError)"}
+    r = client.post(predict_url(), files={"files": ("a.png", digits[0][1])})
+    assert assert_error(r, 500) == {"error": "internal error (RuntimeError)"}
+    assert r.headers["x-content-type-options"] == "nosniff"  # answered inside the middleware, like every other
     monkeypatch.setattr(clf, "classify", failing(ModelError("onnxruntime failed")))
     assert_error(client.post(predict_url(), files={"files": ("a.png", digits[0][1])}), 500,
                  "the model failed: onnxruntime failed")

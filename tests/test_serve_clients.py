@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from digitlens.app import create_app  # noqa: E402
 from digitlens.serve import ServeConfig, main  # noqa: E402
-from tests.conftest import get, process_tree, serve_process  # noqa: E402
+from tests.conftest import get, serve_process  # noqa: E402
 
 HEAD, BODY = 1.0, 2.0  # the deadlines these tests give the server (seconds)
 
@@ -112,11 +112,14 @@ def test_a_body_sent_slowly_is_cut_off_and_logged_in_one_line(server):
 
 
 def test_connections_beyond_the_limit_get_503_and_the_server_recovers(server):
-    held = [connect(server) for _ in range(8)]
+    held = [connect(server) for _ in range(7)]
     try:
         for sock in held:  # each one mid-request, so that none is idle
             sock.sendall(multipart_head(server[1], 1000))
-        status, _ = get(f"http://{server[0]}:{server[1]}/healthz")
+        assert get(f"http://{server[0]}:{server[1]}/healthz")[0] == 200  # the 8th of --max-connections 8
+        held.append(connect(server))
+        held[-1].sendall(multipart_head(server[1], 1000))
+        status, _ = get(f"http://{server[0]}:{server[1]}/healthz")  # a 9th
         assert status == 503
     finally:
         for sock in held:
@@ -128,11 +131,12 @@ def test_connections_beyond_the_limit_get_503_and_the_server_recovers(server):
 # ---------------------------------------------------------------------------- broken clients (cases 1, 3)
 
 def test_a_client_gone_mid_upload_is_one_log_line_without_traceback(server):
+    before = len(log_lines(server, "client disconnected"))
     for _ in range(5):
         with connect(server) as sock:
             sock.sendall(multipart_head(server[1], 100_000) + b"x" * 1000)
     lines = log_lines(server, "client disconnected")
-    assert len(lines) >= 5 and all(" 499 " in line for line in lines)
+    assert len(lines) == before + 5 and all(" 499 " in line for line in lines)
     assert "Traceback" not in server[2].read_text(errors="replace")
 
 
@@ -208,11 +212,6 @@ def test_a_json_body_beyond_what_its_images_need_is_413_before_parsing(client):
 def test_out_of_range_options_are_one_line(model, option, value):
     r = CliRunner().invoke(main, ["--model", str(model), option, value])
     assert r.exit_code == 2 and r.output.count("\n") == 1 and r.output.startswith(f"Error: {option}: give a number")
-
-
-def test_server_stops_cleanly(server):
-    assert process_tree(server[3].pid)  # still running after everything above
-    assert json.loads(get(f"http://{server[0]}:{server[1]}/readyz")[1])["status"] == "ready"
 
 
 @pytest.mark.slow
