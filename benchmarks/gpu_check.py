@@ -66,6 +66,26 @@ def quick_run(project: Path, env: dict) -> None:
                f"{sum(p['onnx']['argmax_mismatches'] for p in parity)} predictions differ")
 
 
+def second_epoch(net, optimizer, x, y, recipe, augment, generator, amp) -> tuple[float, int]:
+    """Seconds and host-device syncs of `net`'s second training epoch (the first warms up, or compiles)."""
+    import torch
+
+    from pipeline.training import epoch_batches, train_epoch
+
+    for epoch in range(2):
+        batches = epoch_batches(len(x), recipe.batch_size, recipe.drop_last, generator, x.device)
+        draws = augment.draw(len(x), generator, x.device)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with warnings.catch_warnings(record=True) as syncs:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn" if epoch else "default")
+            train_epoch(net, optimizer, x, y, batches, augment, draws, amp=amp)
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, len(syncs)
+
+
 def epoch_times(project: Path, device) -> None:
     """One full epoch of cnn and tuned_cnn on each data set, eager and under torch.compile: seconds, and the
     host-device syncs the eager one made."""
@@ -75,7 +95,7 @@ def epoch_times(project: Path, device) -> None:
     from pipeline.models import create_model
     from pipeline.params import load_params
     from pipeline.tensors import amp_dtype, full_fp32, to_inputs
-    from pipeline.training import augmentation, epoch_batches, make_optimizer, train_epoch
+    from pipeline.training import augmentation, make_optimizer
 
     params = load_params(ROOT / "params.yaml")
     full_fp32()  # as training does on CUDA
@@ -88,30 +108,12 @@ def epoch_times(project: Path, device) -> None:
             model = create_model(arch, **recipe.model_args).to(device, memory_format=torch.channels_last)
             optimizer, augment = make_optimizer(model, recipe), augmentation(params, dataset, arch)
             generator, amp = torch.Generator().manual_seed(0), amp_dtype("auto", device)
-            seconds = []
-            for epoch in range(2):  # the first warms kernels and the allocator up
-                batches = epoch_batches(len(x), recipe.batch_size, recipe.drop_last, generator, device)
-                draws = augment.draw(len(x), generator, device)
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                with warnings.catch_warnings(record=True) as syncs:
-                    warnings.simplefilter("always")
-                    torch.cuda.set_sync_debug_mode("warn" if epoch else "default")
-                    train_epoch(model, optimizer, x, y, batches, augment, draws, amp=amp)
-                    torch.cuda.set_sync_debug_mode("default")
-                torch.cuda.synchronize()
-                seconds.append(time.perf_counter() - start)
-            compiled = torch.compile(model)
-            for _ in range(2):  # the first compiles
-                batches = epoch_batches(len(x), recipe.batch_size, recipe.drop_last, generator, device)
-                draws = augment.draw(len(x), generator, device)
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                train_epoch(compiled, optimizer, x, y, batches, augment, draws, amp=amp)
-                torch.cuda.synchronize()
-            click.echo(f"epoch      {arch} on {dataset}: {seconds[1]:.2f} s for {len(x):,} images "
-                       f"({len(x) / seconds[1]:,.0f} images/s), {len(syncs)} host-device syncs; under torch.compile "
-                       f"{time.perf_counter() - start:.2f} s")
+            run = (optimizer, x, y, recipe, augment, generator, amp)
+            seconds, syncs = second_epoch(model, *run)
+            compiled, _ = second_epoch(torch.compile(model), *run)
+            click.echo(f"epoch      {arch} on {dataset}: {seconds:.2f} s for {len(x):,} images "
+                       f"({len(x) / seconds:,.0f} images/s), {syncs} host-device syncs; under torch.compile "
+                       f"{compiled:.2f} s")
 
 
 def classify_on_cuda(project: Path) -> None:
