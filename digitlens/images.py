@@ -15,7 +15,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from digitlens.errors import ImageError
-from digitlens.limits import MAX_PIXELS, check_size, read_encoded
+from digitlens.limits import check_size, read_encoded
 from digitlens.metadata import IMAGE_SIZE
 from digitlens.text import first_line
 
@@ -41,7 +41,7 @@ def decode(data: bytes) -> Image.Image:
                 kind = f"{img.format} image"
                 if img.format == "JPEG":
                     img.draft(None, (WORK_SIDE, WORK_SIDE))  # let the decoder skip detail we would discard
-                check_size(img)
+                check_size(*img.size)
                 img.load()
                 return upright(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -68,10 +68,7 @@ def array_to_image(a: np.ndarray) -> Image.Image:
         a = a[..., 0]
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
         raise ImageError(f"array of shape {a.shape}; give (H, W) grey or (H, W, 3|4) RGB/RGBA")
-    if a.shape[0] * a.shape[1] > MAX_PIXELS:
-        raise ImageError(f"array of {a.shape[1]}x{a.shape[0]} pixels is more than the {MAX_PIXELS:,} accepted")
-    if not a.size:
-        raise ImageError(f"array of shape {a.shape} has no pixels")
+    check_size(a.shape[1], a.shape[0])  # before any copy
     if a.dtype == np.uint8:
         pixels = a
     elif np.issubdtype(a.dtype, np.floating):
@@ -99,11 +96,9 @@ def load(source: ImageInput) -> Image.Image:
     if isinstance(source, list):
         source = nested_array(source)
     if isinstance(source, np.ndarray):
-        img = array_to_image(source)
-        check_size(img)
-        return img
+        return array_to_image(source)
     if isinstance(source, Image.Image):
-        check_size(source)
+        check_size(*source.size)
         try:
             return upright(source)
         except (OSError, ValueError, TypeError) as e:

@@ -6,13 +6,10 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 from digitlens.errors import ImageError, ModelError
 from digitlens.text import first_line
-
-if TYPE_CHECKING:
-    from PIL import Image
 
 MAX_MODEL_BYTES = 256 * 2**20  # an .onnx file and its external data together
 MAX_IMAGE_BYTES = 50 * 2**20  # an encoded image (file, bytes or stream) larger than this is refused unread
@@ -120,8 +117,8 @@ def read_encoded(source: str | os.PathLike | bytes | bytearray | memoryview | Bi
     return data
 
 
-def check_size(img: Image.Image) -> None:
-    w, h = img.size
+def check_size(w: int, h: int) -> None:
+    """Refuse an image of w x h pixels before the work it would cost: too many pixels, none, or a strip."""
     if w * h > MAX_PIXELS:
         raise ImageError(f"{w}x{h} pixels is more than the {MAX_PIXELS:,} this tool decodes; resize it first")
     if not w or not h:
