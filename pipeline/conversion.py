@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -14,10 +16,12 @@ import numpy as np
 import onnx
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from digitlens.metadata import IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME, ModelInfo
 from digitlens.runtime import onnx_session
 from pipeline.common import PipelineError
+from pipeline.scoring import accuracy
 
 OPSET = 20
 TOLERANCE = 1e-4  # largest absolute logit difference allowed between PyTorch and an export
@@ -65,8 +69,12 @@ def to_onnx(model: nn.Module, info: ModelInfo) -> onnx.ModelProto:
     return proto
 
 
-def run_batched(fn, x: np.ndarray, batch_size: int) -> np.ndarray:
-    return np.concatenate([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+def run_batched(fn, x: np.ndarray, batch_size: int, progress: tqdm) -> np.ndarray:
+    out = []
+    for i in range(0, len(x), batch_size):
+        out.append(fn(x[i:i + batch_size]))
+        progress.update()
+    return np.concatenate(out)
 
 
 def compare(reference: np.ndarray, other: np.ndarray) -> dict:
@@ -76,13 +84,16 @@ def compare(reference: np.ndarray, other: np.ndarray) -> dict:
     }
 
 
-def parity(model: nn.Module, scripted: torch.jit.ScriptModule, session,
-           x: np.ndarray, batch_size: int) -> dict:
-    """Largest logit difference and differing predictions of ONNX and TorchScript against eager PyTorch."""
+def parity(eager: np.ndarray, ts_bytes: bytes, onnx_bytes: bytes, x: np.ndarray, batch_size: int,
+           progress: tqdm) -> dict:
+    """Largest logit difference and differing predictions of the saved ONNX and TorchScript files (read back
+    from their bytes) against eager PyTorch's logits `eager` on `x`."""
+    with torchscript_deprecation_expected():
+        scripted = torch.jit.load(io.BytesIO(ts_bytes))
     with torch.inference_mode():
-        eager = run_batched(lambda b: model(torch.from_numpy(b)).numpy(), x, batch_size)
-        script = run_batched(lambda b: scripted(torch.from_numpy(b)).numpy(), x, batch_size)
-    onnx_out = run_batched(lambda b: session.run([OUTPUT_NAME], {INPUT_NAME: b})[0], x, batch_size)
+        script = run_batched(lambda b: scripted(torch.from_numpy(b)).numpy(), x, batch_size, progress)
+    session = onnx_session(onnx_bytes)
+    onnx_out = run_batched(lambda b: session.run([OUTPUT_NAME], {INPUT_NAME: b})[0], x, batch_size, progress)
     return {"images": len(x), "onnx": compare(eager, onnx_out), "torchscript": compare(eager, script)}
 
 
@@ -94,15 +105,24 @@ def check_parity(report: dict, tolerance: float = TOLERANCE) -> None:
                                 f"(limit {tolerance:g}), {r['argmax_mismatches']} predictions differ; nothing written")
 
 
-def export(model: nn.Module, info: ModelInfo, x: np.ndarray, batch_size: int) -> tuple[bytes, bytes, dict]:
-    """(TorchScript bytes, ONNX bytes, parity report); raises PipelineError when parity fails."""
-    model = model.eval().to(memory_format=torch.contiguous_format)
-    scripted = to_torchscript(model)
-    ts_bytes = torchscript_bytes(scripted, info)
-    onnx_bytes = to_onnx(model, info).SerializeToString()
-    report = parity(model, scripted, onnx_session(onnx_bytes), x, batch_size)
+def export(model: nn.Module, info: ModelInfo, x: np.ndarray, labels: np.ndarray,
+           batch_size: int) -> tuple[ModelInfo, bytes, bytes, dict]:
+    """(the facts with the test accuracy, TorchScript bytes, ONNX bytes, parity report) of a model and its test
+    split `x` (inputs as the model takes them), `labels`; raises PipelineError when parity fails. The test accuracy
+    is eager PyTorch's, which the parity gate makes every format's: no prediction may differ."""
+    batches = -(-len(x) // batch_size)
+    with tqdm(total=3 * batches, desc="parity", unit="batch", leave=False, disable=None) as progress:
+        # The reference in channels-last memory: the same arithmetic, 2-3x faster for convolutions on the CPU.
+        fast = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            eager = run_batched(lambda b: fast(torch.from_numpy(b)).numpy(), x, batch_size, progress)
+        info = dataclasses.replace(info, test_accuracy=accuracy(eager.argmax(1), labels))
+        model = model.eval().to(memory_format=torch.contiguous_format)
+        ts_bytes = torchscript_bytes(to_torchscript(model), info)
+        onnx_bytes = to_onnx(model, info).SerializeToString()
+        report = parity(eager, ts_bytes, onnx_bytes, x, batch_size, progress)
     check_parity(report)
-    return ts_bytes, onnx_bytes, report
+    return info, ts_bytes, onnx_bytes, report
 
 
 def export_id(checkpoint: str | os.PathLike) -> str:

@@ -1,4 +1,4 @@
-"""The model card: a short Markdown page the export stage writes beside each model, from its own metadata."""
+"""The model card: a short Markdown page the evaluate stage writes beside each exported model, from its metadata."""
 from __future__ import annotations
 
 from digitlens.metadata import ModelInfo

@@ -154,9 +154,12 @@ class TunedCNN(nn.Module):
 
 @dataclass(frozen=True)
 class RunFacts:
-    """How long and where a model trained: its device, precision, CPU threads and torch version."""
+    """How long and where a model trained: its epochs, parameter count, device, precision, CPU threads and torch
+    version (the train stage writes them to run.json)."""
 
     train_time_s: float
+    epochs: int
+    parameters: int
     device: str
     precision: str
     threads: int | None

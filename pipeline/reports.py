@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib
@@ -11,46 +10,52 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 
-from pipeline.common import atomic_path
+from digitlens import Classifier, ModelInfo
+from digitlens.classifier import BATCH_SIZE
+from pipeline.common import PipelineError, atomic_path
 from pipeline.datasets import dataset_info
-from pipeline.models import Checkpoint
-from pipeline.tensors import predict_logits, score, to_inputs
+from pipeline.scoring import accuracy, class_accuracy, confusion_matrix, cross_entropy
 
 
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """Counts (true class, predicted class)."""
-    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
-
-
-def evaluate(model: torch.nn.Module, ckpt: Checkpoint, images: np.ndarray, labels: np.ndarray,
-             batch_size: int) -> tuple[dict, dict, np.ndarray]:
-    """(metrics, per-class figures with the confusion matrix, class probabilities (N, C)) on a labelled split.
-    The metrics are numbers only, so that `dvc metrics diff` and `dvc exp show` can compare them."""
-    x = to_inputs(images, ckpt.info.mean, ckpt.info.std, torch.device("cpu"))
-    y = torch.from_numpy(labels)
-    logits = predict_logits(model, x, batch_size)
-    loss, acc = score(logits, y)
-    probs = torch.softmax(logits, 1).numpy()
+def evaluate(clf: Classifier, images: np.ndarray, labels: np.ndarray, run: dict) -> tuple[dict, dict, np.ndarray]:
+    """(metrics, per-class figures with the confusion matrix, class probabilities (N, C)) of an exported model on
+    a labelled split (uint8 images as the data stage stores them), scored through the torch-free core that `infer`
+    uses; `run` is what the train stage wrote (epochs, parameters, training time). The metrics are numbers only,
+    so that `dvc metrics diff` and `dvc exp show` can compare them."""
+    x = images.astype(np.float32) / 255.0
+    probs = np.concatenate([clf.probabilities(x[i:i + BATCH_SIZE]) for i in range(0, len(x), BATCH_SIZE)])
     pred = probs.argmax(1)
-    classes = ckpt.info.class_names
+    acc = accuracy(pred, labels)
+    if acc != clf.info.test_accuracy:
+        raise PipelineError(f"{clf.path}: scores {acc:.2f} % through digitlens, but the export stage measured "
+                            f"{clf.info.test_accuracy} % in PyTorch: the core's preprocessing and the pipeline's differ")
+    classes = clf.info.class_names
     cm = confusion_matrix(labels, pred, len(classes))
-    per_class = {name: round(100.0 * cm[i, i] / max(cm[i].sum(), 1), 2) for i, name in enumerate(classes)}
     metrics = {
-        "accuracy": round(acc, 2),
-        "loss": round(loss, 4),
-        "params": sum(p.numel() for p in model.parameters()),
-        "train_time_s": round(ckpt.run.train_time_s, 1),
-        "epochs": len(ckpt.history),
+        "accuracy": acc,
+        "loss": round(cross_entropy(probs, labels), 4),
+        "params": run["parameters"],
+        "train_time_s": round(run["train_time_s"], 1),
+        "epochs": run["epochs"],
     }
-    per_class = {"classes": classes, "accuracy": per_class, "confusion_matrix": cm.tolist()}
+    per_class = {"classes": classes, "accuracy": class_accuracy(cm, classes), "confusion_matrix": cm.tolist()}
     return metrics, per_class, probs
 
 
-def run_facts(ckpt: Checkpoint) -> dict:
-    """Where and how the model was trained (device, precision, CPU threads, torch version): text, not metrics."""
-    return {k: v for k, v in asdict(ckpt.run).items() if k != "train_time_s"}
+def read_history(live_dir: str | Path) -> list[dict]:
+    """The per-epoch rows of a training's DVCLive folder: one key per plots/metrics/<name>.tsv (columns step and
+    the name's last part), "epoch" from its steps."""
+    folder = Path(live_dir) / "plots" / "metrics"
+    columns = {}
+    for path in sorted(folder.rglob("*.tsv")):
+        name = path.relative_to(folder).with_suffix("").as_posix()
+        with open(path, newline="") as f:
+            columns[name] = {int(r["step"]): float(r[path.stem]) for r in csv.DictReader(f, delimiter="\t")}
+    if not columns:
+        raise PipelineError(f"{folder}: no per-epoch metrics (DVCLive's *.tsv files)")
+    epochs = sorted(set.intersection(*(set(c) for c in columns.values())))
+    return [{"epoch": e, **{name: c[e] for name, c in columns.items()}} for e in epochs]
 
 
 def most_confident_mistakes(labels: np.ndarray, probs: np.ndarray, n: int) -> np.ndarray:
@@ -61,11 +66,11 @@ def most_confident_mistakes(labels: np.ndarray, probs: np.ndarray, n: int) -> np
     return wrong[np.argsort(-confidence, kind="stable")][:n]
 
 
-def plot_mistakes(ckpt: Checkpoint, images: np.ndarray, labels: np.ndarray, probs: np.ndarray, path: str | Path,
+def plot_mistakes(info: ModelInfo, images: np.ndarray, labels: np.ndarray, probs: np.ndarray, path: str | Path,
                   rows: int = 4, cols: int = 8) -> None:
     """A grid of the test images the model gets wrong with the highest confidence, the true and the predicted
     class (with its probability) under each."""
-    classes = dataset_info(ckpt.info.dataset).short_classes
+    classes = dataset_info(info.dataset).short_classes
     pred = probs.argmax(1)
     picked = most_confident_mistakes(labels, probs, rows * cols)
     wrong = int((pred != labels).sum())
@@ -77,7 +82,7 @@ def plot_mistakes(ckpt: Checkpoint, images: np.ndarray, labels: np.ndarray, prob
         ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"#{i}  true {classes[labels[i]]}\npred {classes[pred[i]]} {100 * probs[i, pred[i]]:.0f}%",
                      fontsize=8)
-    fig.suptitle(f"{ckpt.info.architecture} on {ckpt.info.dataset}: the {len(picked)} most confident of its {wrong} mistakes "
+    fig.suptitle(f"{info.architecture} on {info.dataset}: the {len(picked)} most confident of its {wrong} mistakes "
                  f"on the {len(labels):,} test images (#index in the test split)", fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -93,16 +98,16 @@ def predictions_csv(labels: np.ndarray, pred: np.ndarray, classes: list[str]) ->
     return buf.getvalue()
 
 
-def plot_report(ckpt: Checkpoint, metrics: dict, cm: np.ndarray, path: str | Path) -> None:
-    """Training curves and confusion matrix of one model, in one PNG."""
-    history, short = ckpt.history, dataset_info(ckpt.info.dataset).short_classes
+def plot_report(info: ModelInfo, history: list[dict], metrics: dict, cm: np.ndarray, path: str | Path) -> None:
+    """Training curves (the per-epoch `history`) and confusion matrix of one model, in one PNG."""
+    short, cm = dataset_info(info.dataset).short_classes, np.asarray(cm)
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc, ax_cm) = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [1, 1, 1.2]})
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax_loss.plot(epochs, [h["test_loss"] for h in history], "o-", label="test")
+    ax_loss.plot(epochs, [h["train/loss"] for h in history], "o-", label="train")
+    ax_loss.plot(epochs, [h["test/loss"] for h in history], "o-", label="test")
     ax_loss.set(title="loss", xlabel="epoch", yscale="log")
     ax_loss.legend()
-    ax_acc.plot(epochs, [h["test_accuracy"] for h in history], "o-", color="tab:green")
+    ax_acc.plot(epochs, [h["test/accuracy"] for h in history], "o-", color="tab:green")
     ax_acc.set(title="test accuracy (%)", xlabel="epoch")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
@@ -115,7 +120,7 @@ def plot_report(ckpt: Checkpoint, metrics: dict, cm: np.ndarray, path: str | Pat
               xticks=range(len(short)), yticks=range(len(short)))
     ax_cm.set_xticklabels(short, rotation=45, ha="right")
     ax_cm.set_yticklabels(short)
-    fig.suptitle(f"{ckpt.info.architecture} on {ckpt.info.dataset}: {metrics['accuracy']:.2f}% test accuracy")
+    fig.suptitle(f"{info.architecture} on {info.dataset}: {metrics['accuracy']:.2f}% test accuracy")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

@@ -55,4 +55,4 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.
 def score(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     """(mean cross-entropy, accuracy in %)."""
     loss = F.cross_entropy(logits.float(), y).item()
-    return loss, 100.0 * (logits.argmax(1) == y).float().mean().item()
+    return loss, 100.0 * (logits.argmax(1) == y).double().mean().item()

@@ -1,11 +1,10 @@
 """The training loop: one architecture on one data set with its recipe, the whole split kept on the device."""
 from __future__ import annotations
 
-import csv
-import io
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,7 +20,9 @@ from pipeline.models import Checkpoint, RunFacts, create_model
 from pipeline.params import PARAMS_FILE, OneCycle, Params, Recipe
 from pipeline.tensors import amp_dtype, device_name, full_fp32, pick_device, precision_label, predict_logits, score, to_inputs
 
-HISTORY_FIELDS = ["epoch", "train_loss", "test_loss", "test_accuracy", "lr", "seconds"]
+# What each epoch's history row holds besides its "epoch": DVCLive's names, whose "/" make folders of its plots
+# (reports/<dataset>/<arch>/train/plots/metrics/test/accuracy.tsv) and nested keys of its metrics.json.
+EPOCH_METRICS = ("train/loss", "test/loss", "test/accuracy", "lr", "epoch_time_s")
 
 
 class Diverged(PipelineError):
@@ -91,9 +92,10 @@ def train_epoch(model, optimizer, x, y, batches, augment: Augmentation | None = 
 
 
 def fit(model, recipe: Recipe, train_x, train_y, test_x, test_y, *, seed: int, eval_batch_size: int,
-        amp: torch.dtype | None = None, augment: Augmentation = NO_AUGMENTATION, log=print) -> list[dict]:
+        amp: torch.dtype | None = None, augment: Augmentation = NO_AUGMENTATION, log=print,
+        on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
     """Train `model` in place with `recipe` and `augment` (what the data set allows of the recipe's
-    augmentation); returns the per-epoch history."""
+    augmentation); returns the per-epoch history, each row also given to `on_epoch` as soon as it is known."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = make_optimizer(model, recipe)
     plateau = per_batch = None
@@ -119,25 +121,19 @@ def fit(model, recipe: Recipe, train_x, train_y, test_x, test_y, *, seed: int, e
         if plateau is not None:
             plateau.step(last_loss)  # as tutorial 001: on the epoch's last batch loss
         test_loss, test_acc = score(predict_logits(model, test_x, eval_batch_size), test_y)
-        row = dict(epoch=epoch, train_loss=train_loss, test_loss=test_loss, test_accuracy=test_acc,
-                   lr=lr, seconds=time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        row = {"epoch": epoch, **dict(zip(EPOCH_METRICS, (train_loss, test_loss, test_acc, lr, seconds)))}
         history.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
         log(f"epoch {epoch:>2}/{recipe.epochs}  train_loss {train_loss:.4f}  test_loss {test_loss:.4f}  "
-            f"test_acc {test_acc:6.2f}%  lr {lr:.3g}  {row['seconds']:.1f}s")
+            f"test_acc {test_acc:6.2f}%  lr {lr:.3g}  {seconds:.1f}s")
     return history
 
 
-def history_csv(history: list[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, HISTORY_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    return buf.getvalue()
-
-
 def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=print,
-          params_file: str = PARAMS_FILE) -> Checkpoint:
-    """Train one model; returns its checkpoint."""
+          params_file: str = PARAMS_FILE, on_epoch: Callable[[dict], None] | None = None) -> Checkpoint:
+    """Train one model; returns its checkpoint. `on_epoch` gets each epoch's history row as it ends."""
     recipe = params.recipe(arch)
     device = pick_device(params.device, params_file)
     torch.manual_seed(params.seed)
@@ -165,7 +161,7 @@ def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=pri
     try:
         history = fit(model, recipe, train_x, train_y, test_x, test_y, seed=params.seed,
                       eval_batch_size=params.eval_batch(device.type), amp=amp, augment=augmentation(params, dataset, arch),
-                      log=log)
+                      log=log, on_epoch=on_epoch)
     except Diverged as e:
         raise PipelineError(f"{arch} on {dataset} diverged, {e}: lower recipes.{arch}.lr ({recipe.lr:g}), or check "
                             f"datasets.{dataset}.mean/std ({mean:g}/{std:g}); nothing written") from None
@@ -176,5 +172,6 @@ def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=pri
                              "hflip": params.hflip(dataset, arch), "augment": params.augment(dataset, arch).model_dump(),
                              "data": params.data.model_dump(), "train": params.train.model_dump()})
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return Checkpoint(info, state, history, RunFacts(train_time, device_name(device), precision, threads,
-                                                     str(torch.__version__)))
+    parameters = sum(p.numel() for p in model.parameters())
+    return Checkpoint(info, state, history, RunFacts(train_time, len(history), parameters, device_name(device), precision,
+                                                     threads, str(torch.__version__)))

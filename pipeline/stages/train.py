@@ -1,13 +1,16 @@
-"""Train stage: one architecture on one data set with the recipe in params.yaml."""
+"""Train stage: one architecture on one data set with the recipe in params.yaml, logged live with DVCLive."""
 from __future__ import annotations
 
-import click
+from dataclasses import asdict
 
-from pipeline.common import stage_command, write_text
+import click
+from dvclive import Live
+
+from pipeline.common import stage_command, write_json
 from pipeline.datasets import DATASETS
 from pipeline.models import MODELS, save_checkpoint
 from pipeline.params import PARAMS_FILE, load_params
-from pipeline.training import history_csv, train
+from pipeline.training import EPOCH_METRICS, train
 
 
 @click.command(help="Train one architecture on one data set with the recipe in params.yaml.")
@@ -16,14 +19,28 @@ from pipeline.training import history_csv, train
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder written by the data stage.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write (.pt).")
-@click.option("--history", required=True, type=click.Path(dir_okay=False), help="Per-epoch CSV to write.")
+@click.option("--live", "live_dir", required=True, type=click.Path(file_okay=False),
+              help="DVCLive folder: metrics.json (the latest epoch's figures) and plots/metrics/*.tsv (one row per "
+                   "epoch), rewritten as each epoch ends.")
+@click.option("--run", "run_path", required=True, type=click.Path(dir_okay=False),
+              help="JSON to write: epochs, parameters, training time, device, precision, threads, torch version.")
 @click.option("--params", "params_file", default=PARAMS_FILE, show_default=True, type=click.Path(dir_okay=False))
 @stage_command
-def main(dataset: str, arch: str, data_dir: str, out: str, history: str, params_file: str) -> None:
+def main(dataset: str, arch: str, data_dir: str, out: str, live_dir: str, run_path: str, params_file: str) -> None:
     params = load_params(params_file)
-    ckpt = train(params, dataset, arch, data_dir, params_file=params_file)
-    save_checkpoint(ckpt, out)
-    write_text(history, history_csv(ckpt.history))
+    # dvc.yaml declares the metrics and plots (dvcyaml=False); inside `dvc exp run`, DVCLive tells DVC, its VS Code
+    # extension and Studio (when a token is set) about each epoch; outside DVC it only writes its files.
+    with Live(live_dir, dvcyaml=False, save_dvc_exp=False) as live:
+        live.step = 1  # DVCLive's step is the epoch
+
+        def log_epoch(row: dict) -> None:
+            for name in EPOCH_METRICS:
+                live.log_metric(name, row[name])
+            live.next_step()
+
+        ckpt = train(params, dataset, arch, data_dir, params_file=params_file, on_epoch=log_epoch)
+        save_checkpoint(ckpt, out)
+        write_json(run_path, asdict(ckpt.run))
 
 
 if __name__ == "__main__":
