@@ -78,10 +78,10 @@ def digits_model(tmp_path_factory, data_root, params) -> Path:
                  log=lambda msg: None)
     save_checkpoint(ckpt, out / "digits.ckpt")
     model, ckpt = load_checkpoint(out / "digits.ckpt")
-    info = dataclasses.replace(ckpt.info, test_accuracy=ckpt.history[-1]["test_accuracy"], export_id="test-browser")
-    images, _ = load_split(data_root / "mnist", "test")
+    info = dataclasses.replace(ckpt.info, export_id="test-browser")
+    images, labels = load_split(data_root / "mnist", "test")
     x = to_inputs(images[:500], info.mean, info.std, torch.device("cpu")).numpy()
-    _, onnx_bytes, _ = export(model, info, x, batch_size=250)
+    _, _, onnx_bytes, _ = export(model, info, x, labels[:500], batch_size=250)
     (out / "digits.onnx").write_bytes(onnx_bytes)
     return out / "digits.onnx"
 

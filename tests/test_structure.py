@@ -76,17 +76,25 @@ def test_the_installed_package_reaches_no_torch_side_module():
         assert not reached & TORCH_SIDE, module
 
 
-def test_one_export_stage_per_model_named_after_its_files():
-    export = DVC["stages"]["export"]
-    assert sorted(export["foreach"]) == sorted(
-        ("" if d == "mnist" else "fashion-") + a for d in DATASETS for a in list_models())
-    for name, item in export["foreach"].items():
+def test_one_chain_of_stages_per_model_named_after_its_files():
+    models = DVC["vars"][0]["models"]
+    assert sorted(models) == sorted(("" if d == "mnist" else "fashion-") + a for d in DATASETS for a in list_models())
+    for name, item in models.items():
         assert name == ("" if item["dataset"] == "mnist" else "fashion-") + item["arch"]
-    assert "artifacts/${key}.onnx" in export["do"]["outs"]
+    for kind in ("train", "export", "evaluate"):
+        assert DVC["stages"][kind]["foreach"] == "${models}"
+    assert "artifacts/${key}.onnx" in DVC["stages"]["export"]["do"]["outs"]
+
+
+def test_evaluate_reaches_no_torch():
+    """The metrics users read come from the exported file through the torch-free core, in a process without torch."""
+    reached = {i.split(".")[0] for m in project_closure(STAGES["evaluate"]) for i in imports(m)}
+    assert not reached & (TORCH_SIDE - {"pipeline"})
 
 
 def test_top_level_loss_plots_cover_every_trained_model():
     plots = {name: spec for entry in DVC["plots"] for name, spec in entry.items()}
     for dataset in DATASETS:
         files = plots[f"{dataset}-loss"]["y"]
-        assert sorted(files) == sorted(f"reports/{dataset}/{a}/history.csv" for a in list_models())
+        assert sorted(files) == sorted(f"reports/{dataset}/{a}/train/plots/metrics/{part}/loss.tsv"
+                                       for a in list_models() for part in ("train", "test"))

@@ -90,7 +90,7 @@ def test_same_seed_same_metrics(params, data_root):
     quick = quick_params(params, epochs=2, train_limit=1000)
     runs = [tr.train(quick, "fashion-mnist", "simple_cnn", data_root / "fashion-mnist", log=lambda m: None)
             for _ in range(2)]
-    strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
+    strip = lambda h: [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in h]  # noqa: E731
     assert strip(runs[0].history) == strip(runs[1].history)
     for a, b in zip(runs[0].state_dict.values(), runs[1].state_dict.values()):
         assert torch.equal(a, b)
@@ -145,11 +145,12 @@ def test_threads_come_from_the_environment_not_from_params(params, data_root, tm
 
 
 def test_history_has_one_row_per_epoch(params, data_root):
+    rows = []
     ckpt = tr.train(quick_params(params, epochs=3, train_limit=500), "mnist", "softmax", data_root / "mnist",
-                    log=lambda m: None)
-    csv = tr.history_csv(ckpt.history).splitlines()
-    assert csv[0] == ",".join(tr.HISTORY_FIELDS) and len(csv) == 4
-    assert [row["epoch"] for row in ckpt.history] == [1, 2, 3]
+                    log=lambda m: None, on_epoch=rows.append)
+    assert rows == ckpt.history and [row["epoch"] for row in rows] == [1, 2, 3]
+    assert all(set(row) == {"epoch", *tr.EPOCH_METRICS} for row in rows)
+    assert ckpt.run.epochs == 3 and ckpt.run.parameters == 7850
 
 
 def test_cuda_requested_without_cuda():
@@ -164,8 +165,8 @@ def test_bad_params_stop_the_stage_before_work(tmp_path, data_root):
     (tmp_path / "params.yaml").write_text("seed: 0\ndevice: auto\n")
     out = tmp_path / "model.pt"
     result = CliRunner().invoke(train_stage.main, ["--dataset", "mnist", "--arch", "cnn", "--data", str(data_root / "mnist"),
-                                          "--out", str(out), "--history", str(tmp_path / "h.csv"),
-                                          "--params", str(tmp_path / "params.yaml")])
+                                          "--out", str(out), "--live", str(tmp_path / "live"),
+                                          "--run", str(tmp_path / "run.json"), "--params", str(tmp_path / "params.yaml")])
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: {tmp_path / 'params.yaml'}: data: Field required")
     assert "Traceback" not in result.output and not out.exists()

@@ -1,6 +1,7 @@
 """Train stage: one architecture on one data set with the recipe in params.yaml, logged live with DVCLive."""
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict
 
 import click
@@ -30,18 +31,23 @@ def main(dataset: str, arch: str, data_dir: str, out: str, live_dir: str, run_pa
     params = load_params(params_file)
     # dvc.yaml declares the metrics and plots (dvcyaml=False); inside `dvc exp run`, DVCLive tells DVC, its VS Code
     # extension and Studio (when a token is set) about each epoch; outside DVC it only writes its files.
-    with Live(live_dir, dvcyaml=False, save_dvc_exp=False) as live:
-        live.step = 1  # DVCLive's step is the epoch
+    live = Live(live_dir, dvcyaml=False, save_dvc_exp=False)
+    live.step = 1  # DVCLive's step is the epoch
 
-        def log_epoch(row: dict) -> None:
-            for name in EPOCH_METRICS:
-                live.log_metric(name, row[name])
-            live.next_step()
+    def log_epoch(row: dict) -> None:
+        for name in EPOCH_METRICS:
+            live.log_metric(name, row[name])
+        live.next_step()
 
+    try:
         ckpt = train(params, dataset, arch, data_dir, params_file=params_file, on_epoch=log_epoch)
-        save_checkpoint(ckpt, out)
-        write_json(run_path, asdict(ckpt.run))
-
+    except BaseException:
+        live.end()
+        shutil.rmtree(live_dir, ignore_errors=True)  # a failed training leaves no figures behind
+        raise
+    live.end()
+    save_checkpoint(ckpt, out)
+    write_json(run_path, asdict(ckpt.run))
 
 if __name__ == "__main__":
     main()
