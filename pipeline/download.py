@@ -13,6 +13,8 @@ import urllib.request
 import zlib
 from pathlib import Path
 
+from tqdm import tqdm
+
 from digitlens.metadata import IMAGE_SIZE
 from pipeline.common import PipelineError, umask
 from pipeline.datasets import SPLIT_SIZES, SPLITS, dataset_info
@@ -106,7 +108,8 @@ def download(url: str, name: str, dest: Path, expected_sha256: str, timeout: flo
     source = Source(url, limit + GZIP_OVERHEAD, timeout)
     digest, size = hashlib.sha256(), 0
     try:
-        with gzip.GzipFile(fileobj=source, mode="rb") as stream, open(dest, "wb") as out:
+        with gzip.GzipFile(fileobj=source, mode="rb") as stream, open(dest, "wb") as out, \
+                tqdm(total=limit, desc=name, unit="B", unit_scale=True, leave=False, disable=None) as progress:
             while True:
                 try:
                     chunk = stream.read(CHUNK)
@@ -119,6 +122,7 @@ def download(url: str, name: str, dest: Path, expected_sha256: str, timeout: flo
                     raise ValueError(f"expands to more than the {limit:,} bytes of {name}; refused")
                 digest.update(chunk)
                 out.write(chunk)
+                progress.update(len(chunk))
     finally:
         source.close()
     if digest.hexdigest() != expected_sha256:

@@ -74,7 +74,12 @@ def test_repro_trains_evaluates_and_exports_every_model(quick_project):
         + ["summary.md"])
     summary = (root / "artifacts" / "summary.md").read_text()
     assert summary.count("| mnist |") == len(archs) and summary.count("| fashion-mnist |") == len(archs)
-    assert "Running stage 'train@fashion-mnist-cnn'" in result.stdout
+    assert "Running stage 'train@fashion-cnn'" in result.stdout
+    for dataset in DATASETS:  # DVCLive's per-epoch files of every training
+        for arch in archs:
+            live = root / "reports" / dataset / arch / "train"
+            assert json.loads((live / "metrics.json").read_text())["step"] == 1
+            assert (live / "plots" / "metrics" / "test" / "accuracy.tsv").read_text().startswith("step\taccuracy\n1\t")
 
 
 def test_dvc_metrics_and_plots(quick_project):
@@ -87,12 +92,13 @@ def test_dvc_metrics_and_plots(quick_project):
         for arch in list_models():
             assert "accuracy" in files[f"reports/{dataset}/{arch}/metrics.json"]["data"]
             assert "onnx" in files[f"reports/{dataset}/{arch}/parity.json"]["data"]
+            assert "accuracy" in files[f"reports/{dataset}/{arch}/train/metrics.json"]["data"]["test"]
     plots = dvc("plots", "show", "-o", str(root / "plots"), cwd=root, env=env)
     assert plots.returncode == 0, plots.stderr
     html = (root / "plots" / "index.html").read_text()
     for dataset in DATASETS:
         for arch in list_models():
-            assert f'"text": "{arch} on {dataset} - test accuracy (%) by epoch"' in html
+            assert f"reports/{dataset}/{arch}/train/plots/metrics/test/accuracy.tsv" in html
             assert f'"text": "{arch} on {dataset} - confusion matrix"' in html
             assert f"reports/{dataset}/{arch}/report.png" in html
             assert f"reports/{dataset}/{arch}/mistakes.png" in html
@@ -205,7 +211,7 @@ def test_a_queued_sweep_runs_in_parallel_workers_and_shows_in_exp_show(pushed):
     import time
 
     root, env = pushed
-    queued = dvc("exp", "run", "--queue", "-S", "recipes.tuned_cnn.lr=0.05,0.2", "evaluate@mnist-tuned_cnn",
+    queued = dvc("exp", "run", "--queue", "-S", "recipes.tuned_cnn.lr=0.05,0.2", "evaluate@tuned_cnn",
                  cwd=root, env=env)
     assert queued.returncode == 0, queued.stderr
     # the workers it starts are daemons that keep its stdout open: captured, the call would wait for them
@@ -230,7 +236,7 @@ def test_a_queued_sweep_runs_in_parallel_workers_and_shows_in_exp_show(pushed):
         assert all(map(numeric, row["metrics"].values()))  # every metrics file: numbers only
         log = dvc("queue", "logs", row["name"], cwd=root, env=env).stdout
         assert "1 threads)" in log  # the worker's OMP_NUM_THREADS reached the training stage
-        assert "Running stage 'train@mnist-tuned_cnn'" in log and "Running stage 'train@mnist-cnn'" not in log
+        assert "Running stage 'train@tuned_cnn'" in log and "Running stage 'train@cnn'" not in log
 
 
 def test_a_corrupted_model_on_the_remote_is_caught(pushed, tmp_path):
