@@ -17,6 +17,10 @@ from pipeline.common import PipelineError, atomic_path
 from pipeline.datasets import dataset_info
 from pipeline.scoring import accuracy, class_accuracy, confusion_matrix, cross_entropy
 
+# Largest difference allowed between the accuracy the core gives an exported model and the one its export measured in
+# PyTorch: one test image in 10,000 (a near-tie that onnxruntime's batches of another size round the other way).
+MAX_ACCURACY_GAP = 0.0101
+
 
 def evaluate(clf: Classifier, images: np.ndarray, labels: np.ndarray, run: dict) -> tuple[dict, dict, np.ndarray]:
     """(metrics, per-class figures with the confusion matrix, class probabilities (N, C)) of an exported model on
@@ -27,7 +31,7 @@ def evaluate(clf: Classifier, images: np.ndarray, labels: np.ndarray, run: dict)
     probs = np.concatenate([clf.probabilities(x[i:i + BATCH_SIZE]) for i in range(0, len(x), BATCH_SIZE)])
     pred = probs.argmax(1)
     acc = accuracy(pred, labels)
-    if acc != clf.info.test_accuracy:
+    if clf.info.test_accuracy is None or abs(acc - clf.info.test_accuracy) > MAX_ACCURACY_GAP:
         raise PipelineError(f"{clf.path}: scores {acc:.2f} % through digitlens, but the export stage measured "
                             f"{clf.info.test_accuracy} % in PyTorch: the core's preprocessing and the pipeline's differ")
     classes = clf.info.class_names

@@ -132,14 +132,16 @@ def fit(model, recipe: Recipe, train_x, train_y, test_x, test_y, *, seed: int, e
 
 
 def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=print,
-          params_file: str = PARAMS_FILE, on_epoch: Callable[[dict], None] | None = None) -> Checkpoint:
-    """Train one model; returns its checkpoint. `on_epoch` gets each epoch's history row as it ends."""
+          params_file: str = PARAMS_FILE, on_epoch: Callable[[dict], None] | None = None,
+          monitor: int | None = None) -> Checkpoint:
+    """Train one model; returns its checkpoint. `on_epoch` gets each epoch's history row as it ends. `monitor`:
+    score only the first N test images after each epoch (tests; the stage scores them all)."""
     recipe = params.recipe(arch)
     device = pick_device(params.device, params_file)
     torch.manual_seed(params.seed)
     mean, std = params.normalization(dataset, arch)
     train_images, train_labels = load_split(data_dir, "train")
-    test_images, test_labels = load_split(data_dir, "test")
+    test_images, test_labels = (a[:monitor] for a in load_split(data_dir, "test"))
     if params.data.train_limit is not None:
         train_images, train_labels = train_images[:params.data.train_limit], train_labels[:params.data.train_limit]
     train_x, test_x = (to_inputs(a, mean, std, device) for a in (train_images, test_images))

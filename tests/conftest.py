@@ -22,6 +22,8 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: one torch thread each, or they spin against each other
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Absolute, so that subprocesses working in another folder (dvc exp run) find it too
 MIRROR = Path(os.environ.get("DATASET_MIRROR", ROOT.parent / "shared" / "datasets")).resolve()
 
@@ -53,6 +55,9 @@ def params():
     return load_params(ROOT / "params.yaml")
 
 
+MONITOR = 1000  # test images the tests' trainings score after each epoch (the pipeline scores all 10,000)
+
+
 def quick_params(params, epochs: int = 1, train_limit: int = 3000):
     return params.model_copy(update={
         "device": "cpu",
@@ -77,7 +82,7 @@ def exported(tmp_path_factory, data_root, params):
 
     def get(dataset: str = "mnist", arch: str = "cnn"):
         if (dataset, arch) not in cache:
-            ckpt = train(quick_params(params), dataset, arch, data_root / dataset, log=lambda msg: None)
+            ckpt = train(quick_params(params), dataset, arch, data_root / dataset, log=lambda msg: None, monitor=MONITOR)
             save_checkpoint(ckpt, out / f"{dataset}-{arch}.ckpt")
             model, ckpt = load_checkpoint(out / f"{dataset}-{arch}.ckpt")
             images, labels = load_split(data_root / dataset, "test")
@@ -231,3 +236,4 @@ def serve_process(models: Sequence[str | os.PathLike], args: Sequence[str] = (),
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+

@@ -22,6 +22,7 @@ def table_rows(stdout: str) -> dict[str, list[str]]:
     return {line.split()[0]: line.split() for line in lines[start:] if line.strip()}
 
 
+@pytest.mark.slow
 def test_robustness_table_and_threshold(exported, data_root):
     args = ["--model", exported("mnist", "cnn")[0], "--data", data_root / "mnist", "--count", "12"]
     result = benchmark("robustness", *args, "--threshold", "0")
@@ -35,6 +36,7 @@ def test_robustness_table_and_threshold(exported, data_root):
         assert benchmark("robustness", *args, "--threshold", lowest + 0.05).returncode == 1
 
 
+@pytest.mark.slow
 def test_robustness_and_handwriting_refuse_a_clothing_model(exported, data_root):
     for name in ("robustness", "handwriting"):
         result = benchmark(name, "--model", exported("fashion-mnist", "softmax")[0], "--data", data_root / "mnist",
@@ -42,6 +44,7 @@ def test_robustness_and_handwriting_refuse_a_clothing_model(exported, data_root)
         assert result.returncode == 2 and "a fashion-mnist model; this measurement uses MNIST digits" in result.stderr
 
 
+@pytest.mark.slow
 def test_handwriting_compares_models(exported, data_root):
     first, other = exported("mnist", "cnn")[0], exported("mnist", "simple_cnn")[0]
     result = benchmark("handwriting", "--model", first, "--model", other, "--data", data_root / "mnist", "--count", "30")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from digitlens.classifier import Classifier
 from pipeline.datasets import load_split
-from tests.conftest import quick_params
+from tests.conftest import MONITOR, quick_params
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 SCREENSHOT = Path("/tmp/serve-screenshot.png")
@@ -75,7 +75,7 @@ def digits_model(tmp_path_factory, data_root, params) -> Path:
 
     out = tmp_path_factory.mktemp("browser-model")
     ckpt = train(quick_params(params, epochs=1, train_limit=None), "mnist", "simple_cnn", data_root / "mnist",
-                 log=lambda msg: None)
+                 log=lambda msg: None, monitor=MONITOR)
     save_checkpoint(ckpt, out / "digits.ckpt")
     model, ckpt = load_checkpoint(out / "digits.ckpt")
     info = dataclasses.replace(ckpt.info, export_id="test-browser")

@@ -12,7 +12,7 @@ from pipeline.params import OneCycle
 from pipeline.reference import reference_dataset, reference_train_steps, reference_transform
 from pipeline.stages import train as train_stage
 from pipeline.tensors import amp_dtype, pick_device, precision_label, to_inputs
-from tests.conftest import quick_params
+from tests.conftest import MONITOR, quick_params
 
 
 def test_epoch_batches_cover_a_permutation():
@@ -88,7 +88,7 @@ def test_bf16_autocast_trains_like_fp32(arch, params, data_root):
 
 def test_same_seed_same_metrics(params, data_root):
     quick = quick_params(params, epochs=2, train_limit=1000)
-    runs = [tr.train(quick, "fashion-mnist", "simple_cnn", data_root / "fashion-mnist", log=lambda m: None)
+    runs = [tr.train(quick, "fashion-mnist", "simple_cnn", data_root / "fashion-mnist", log=lambda m: None, monitor=MONITOR)
             for _ in range(2)]
     strip = lambda h: [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in h]  # noqa: E731
     assert strip(runs[0].history) == strip(runs[1].history)
@@ -99,7 +99,8 @@ def test_same_seed_same_metrics(params, data_root):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", list_models())
 def test_checkpoint_rebuilds_the_model(arch, params, data_root, tmp_path):
-    ckpt = tr.train(quick_params(params, train_limit=500), "mnist", arch, data_root / "mnist", log=lambda m: None)
+    ckpt = tr.train(quick_params(params, train_limit=500), "mnist", arch, data_root / "mnist", log=lambda m: None,
+                    monitor=MONITOR)
     save_checkpoint(ckpt, tmp_path / "m.pt")
     raw = torch.load(tmp_path / "m.pt", weights_only=True)  # plain data: no class of this project's needed
     assert set(raw) == {"info", "state_dict", "history", "run"}
@@ -115,10 +116,11 @@ def test_checkpoint_rebuilds_the_model(arch, params, data_root, tmp_path):
     torch.testing.assert_close(model(x), fresh(x))
 
 
+@pytest.mark.slow
 def test_tuned_recipe_trains_with_its_schedule_and_the_data_sets_augmentation(params, data_root):
     quick = quick_params(params, epochs=3, train_limit=1000)
     for dataset, flips in (("mnist", False), ("fashion-mnist", True)):
-        ckpt = tr.train(quick, dataset, "tuned_cnn", data_root / dataset, log=lambda m: None)
+        ckpt = tr.train(quick, dataset, "tuned_cnn", data_root / dataset, log=lambda m: None, monitor=MONITOR)
         lrs = [row["lr"] for row in ckpt.history]
         assert lrs[0] < lrs[1] > lrs[2]  # one cycle: warm-up past the peak within epoch 1 of 3, then down
         assert lrs[0] == pytest.approx(params.recipes["tuned_cnn"].lr / 25)
@@ -126,6 +128,7 @@ def test_tuned_recipe_trains_with_its_schedule_and_the_data_sets_augmentation(pa
         assert ckpt.info.params["hflip"] is flips
 
 
+@pytest.mark.slow
 def test_threads_come_from_the_environment_not_from_params(params, data_root, tmp_path):
     """OMP_NUM_THREADS sets torch's threads (queued experiments set it per worker); no train param does."""
     import subprocess
@@ -147,7 +150,7 @@ def test_threads_come_from_the_environment_not_from_params(params, data_root, tm
 def test_history_has_one_row_per_epoch(params, data_root):
     rows = []
     ckpt = tr.train(quick_params(params, epochs=3, train_limit=500), "mnist", "softmax", data_root / "mnist",
-                    log=lambda m: None, on_epoch=rows.append)
+                    log=lambda m: None, on_epoch=rows.append, monitor=MONITOR)
     assert rows == ckpt.history and [row["epoch"] for row in rows] == [1, 2, 3]
     assert all(set(row) == {"epoch", *tr.EPOCH_METRICS} for row in rows)
     assert ckpt.run.epochs == 3 and ckpt.run.parameters == 7850
