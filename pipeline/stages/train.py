@@ -49,5 +49,6 @@ def main(dataset: str, arch: str, data_dir: str, out: str, live_dir: str, run_pa
     save_checkpoint(ckpt, out)
     write_json(run_path, asdict(ckpt.run))
 
+
 if __name__ == "__main__":
     main()
