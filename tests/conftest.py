@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import pty
 import signal
 import socket
 import struct
@@ -237,3 +238,22 @@ def serve_process(models: Sequence[str | os.PathLike], args: Sequence[str] = (),
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
+
+def stderr_on_terminal(cmd, **kwargs) -> tuple[subprocess.CompletedProcess, str]:
+    """Run with stderr on a pseudo-terminal; (result with stdout, what the terminal received)."""
+    leader, follower = pty.openpty()
+    try:
+        result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=follower, text=True, **kwargs)
+        os.close(follower)
+        terminal = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the terminal has no writer left
+                break
+            if not chunk:
+                break
+            terminal += chunk
+    finally:
+        os.close(leader)
+    return result, terminal.decode()

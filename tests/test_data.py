@@ -1,7 +1,10 @@
 import dataclasses
 import gzip
 import hashlib
+import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ from pipeline import datasets
 from pipeline import download as data
 from pipeline.common import PipelineError
 from pipeline.stages import data as data_stage
+from tests.conftest import ROOT, stderr_on_terminal
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -129,3 +133,14 @@ def test_data_stage_command_reports_one_line(tmp_path, monkeypatch, offline_host
     assert result.output.startswith("Error: mnist/train-images-idx3-ubyte: no source worked")
     assert result.output.count("\n") == 1 and "Traceback" not in result.output
     assert not (tmp_path / "mnist").exists()
+
+
+def test_download_progress_on_a_terminal_only(mirror, tmp_path):
+    """A bar per file while it downloads on a terminal; piped, only the one line per verified file."""
+    cmd = [sys.executable, "-m", "pipeline.stages.data", "--dataset", "mnist", "--out", str(tmp_path / "a")]
+    env = {**os.environ, "DATASET_MIRROR": str(mirror)}
+    result, terminal = stderr_on_terminal(cmd, cwd=ROOT, env=env)
+    assert result.returncode == 0 and "train-images-idx3-ubyte: 100%" in terminal and "47.0MB" in terminal
+    piped = subprocess.run([*cmd[:-1], str(tmp_path / "b")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert piped.returncode == 0 and piped.stderr.splitlines() == [f"mnist/{name}: verified" for name in
+                                                                   datasets.DATASETS["mnist"].sha256]

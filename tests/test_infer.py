@@ -2,7 +2,6 @@ import csv
 import io
 import json
 import os
-import pty
 import subprocess
 import sys
 
@@ -20,7 +19,7 @@ from digitlens.metadata import INPUT_NAME, OUTPUT_NAME
 from pipeline.datasets import DATASETS, load_split
 from pipeline.drawings import SAVED_AS, draw
 from pipeline.models import list_models
-from tests.conftest import BAD_FILES, ROOT, tiny_onnx
+from tests.conftest import BAD_FILES, ROOT, stderr_on_terminal, tiny_onnx
 
 INFER = os.path.join(os.path.dirname(sys.executable), "infer")
 
@@ -365,26 +364,6 @@ def test_version_and_short_help():
     short, long = run("-h"), run("--help")
     assert short.exit_code == long.exit_code == 0 and short.stdout == long.stdout
     assert "Usage: main [OPTIONS] IMAGES..." in short.stdout and "Exit status: 0 all classified" in short.stdout
-
-
-def stderr_on_terminal(cmd) -> tuple[subprocess.CompletedProcess, str]:
-    """Run with stderr on a pseudo-terminal; (result with stdout, what the terminal received)."""
-    leader, follower = pty.openpty()
-    try:
-        result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=follower, text=True)
-        os.close(follower)
-        terminal = b""
-        while True:
-            try:
-                chunk = os.read(leader, 4096)
-            except OSError:  # EIO: the terminal has no writer left
-                break
-            if not chunk:
-                break
-            terminal += chunk
-    finally:
-        os.close(leader)
-    return result, terminal.decode()
 
 
 def test_progress_bar_only_for_many_files_on_a_terminal(tmp_path, mnist, digits):
