@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import os
 import pty
 import signal
@@ -11,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import termios
 import time
 import urllib.error
 import urllib.request
@@ -240,8 +242,9 @@ def serve_process(models: Sequence[str | os.PathLike], args: Sequence[str] = (),
 
 
 def stderr_on_terminal(cmd, **kwargs) -> tuple[subprocess.CompletedProcess, str]:
-    """Run with stderr on a pseudo-terminal; (result with stdout, what the terminal received)."""
+    """Run with stderr on a pseudo-terminal of 24x80 characters; (result with stdout, what the terminal received)."""
     leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a new pty is 0x0: no room for a bar
     try:
         result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=follower, text=True, **kwargs)
         os.close(follower)
