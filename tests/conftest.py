@@ -260,13 +260,3 @@ def stderr_on_terminal(cmd, **kwargs) -> tuple[subprocess.CompletedProcess, str]
     finally:
         os.close(leader)
     return result, terminal.decode()
-
-
-LONGEST_FIRST = ("test_pipeline.py", "test_browser.py", "test_light_install.py")  # the end-to-end files, longest first
-
-
-def pytest_collection_modifyitems(items):
-    """Longest files first: under pytest-xdist (a file per worker at a time) the DVC end-to-end tests then start at
-    once on one worker while the other works through the rest, instead of starting when a worker comes free."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort: the rest keep their order
