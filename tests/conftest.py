@@ -260,3 +260,71 @@ def stderr_on_terminal(cmd, **kwargs) -> tuple[subprocess.CompletedProcess, str]
     finally:
         os.close(leader)
     return result, terminal.decode()
+
+
+PROJECT_FILES = ["pipeline", "digitlens", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
+
+
+def project_copy(root: Path, mirror: Path) -> dict:
+    """The project's code, params and DVC files copied into `root` and committed to a new Git repository, without
+    outputs or dvc.lock; returns the environment its DVC commands run in (the data mirror, this Python's tools)."""
+    import shutil
+
+    for name in PROJECT_FILES:
+        src, dst = ROOT / name, root / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dst)
+    env = dict(os.environ, DATASET_MIRROR=str(mirror), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=str(root), GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.org",
+               GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.org")
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "project"]):
+        git(*args, cwd=root, env=env)
+    return env
+
+
+def dvc(*args, cwd, env) -> subprocess.CompletedProcess:
+    cmd = [str(Path(sys.executable).with_name("dvc")), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+
+
+def git(*args, cwd, env) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True)
+
+
+def run_queue(root: Path, env: dict, workers: int = 1, timeout: float = 600) -> str:
+    """`dvc queue start -j workers` (one torch thread each) and wait until nothing is queued or running; returns
+    the last `dvc queue status`."""
+    # the workers it starts are daemons that keep its stdout open: captured, the call would wait for them
+    started = subprocess.run([str(Path(sys.executable).with_name("dvc")), "queue", "start", "-j", str(workers)],
+                             cwd=root, env=dict(env, OMP_NUM_THREADS="1"), stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    assert started.returncode == 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = dvc("queue", "status", cwd=root, env=env).stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            break
+        time.sleep(2)
+    return status
+
+
+def experiments(shown: list) -> list[dict]:
+    """Every experiment row (name, params.yaml, metrics) in `dvc exp show --json` output."""
+    rows = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            data = node.get("data")
+            if isinstance(data, dict) and "params" in data and node.get("name"):
+                rows.append({"name": node["name"], "params": data["params"]["params.yaml"]["data"],
+                             "metrics": {f: m.get("data", {}) for f, m in (data.get("metrics") or {}).items()}})
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+    walk(shown)
+    return rows

@@ -1,9 +1,7 @@
 """End to end: the real `dvc repro` in a temporary copy of the project, with the quick-run overrides."""
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,33 +11,14 @@ import yaml
 from pipeline.datasets import DATASETS
 from pipeline.models import list_models, load_checkpoint
 from pipeline.tensors import amp_dtype, precision_label
-from tests.conftest import ROOT
+from tests.conftest import dvc, experiments, git, project_copy, run_queue
 
 pytestmark = pytest.mark.slow
-
-PROJECT_FILES = ["pipeline", "digitlens", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
-
-
-def dvc(*args, cwd, env) -> subprocess.CompletedProcess:
-    cmd = [str(Path(sys.executable).with_name("dvc")), *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-
 
 @pytest.fixture(scope="module")
 def quick_project(tmp_path_factory, mirror):
     root = tmp_path_factory.mktemp("project")
-    for name in PROJECT_FILES:
-        src, dst = ROOT / name, root / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, dst)
-    env = dict(os.environ, DATASET_MIRROR=str(mirror), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               PYTHONPATH=str(root), GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.org",
-               GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.org")
-    for git in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "project"]):
-        subprocess.run(["git", *git], cwd=root, env=env, check=True)
+    env = project_copy(root, mirror)
     # the README's quick run of the whole pipeline, pinned to the CPU: what the tests below read of it (device,
     # threads in the logs) is the CPU's, and a machine with CUDA would otherwise train there
     result = dvc("exp", "run", "-S", "train.epochs=1", "-S", "data.train_limit=2000", "-S", "device=cpu", cwd=root,
@@ -110,10 +89,6 @@ def test_second_repro_is_a_no_op(quick_project):
     root, env, _ = quick_project
     result = dvc("repro", cwd=root, env=env)
     assert result.returncode == 0 and "Running stage" not in result.stdout
-
-
-def git(*args, cwd, env):
-    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -187,44 +162,13 @@ def numeric(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def experiments(shown: list) -> list[dict]:
-    """Every experiment row (name, params.yaml, metrics) in `dvc exp show --json` output."""
-    rows = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            data = node.get("data")
-            if isinstance(data, dict) and "params" in data and node.get("name"):
-                rows.append({"name": node["name"], "params": data["params"]["params.yaml"]["data"],
-                             "metrics": {f: m.get("data", {}) for f, m in (data.get("metrics") or {}).items()}})
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-    walk(shown)
-    return rows
-
-
 def test_a_queued_sweep_runs_in_parallel_workers_and_shows_in_exp_show(pushed):
     """The README's sweep: a grid queued with -S, two workers of one thread each, compared in dvc exp show."""
-    import time
-
     root, env = pushed
     queued = dvc("exp", "run", "--queue", "-S", "recipes.tuned_cnn.lr=0.05,0.2", "evaluate@tuned_cnn",
                  cwd=root, env=env)
     assert queued.returncode == 0, queued.stderr
-    # the workers it starts are daemons that keep its stdout open: captured, the call would wait for them
-    started = subprocess.run([str(Path(sys.executable).with_name("dvc")), "queue", "start", "-j", "2"], cwd=root,
-                             env=dict(env, OMP_NUM_THREADS="1"), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, timeout=120)
-    assert started.returncode == 0
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        status = dvc("queue", "status", cwd=root, env=env).stdout
-        if not any(word in status for word in ("Queued", "Running")):
-            break
-        time.sleep(2)
+    status = run_queue(root, env, workers=2)
     assert "Success" in status and "Failed" not in status, status
     shown = dvc("exp", "show", "--json", cwd=root, env=env)
     assert shown.returncode == 0, shown.stderr
