@@ -1,5 +1,6 @@
 """Shared fixtures and helpers: the local data mirror, fetched data sets, briefly trained and exported models,
-a stand-in ONNX model, files that are no usable image, and a real `serve` process."""
+a stand-in ONNX model, files that are no usable image, a real `serve` process, a pseudo-terminal, and copies of
+the DVC project with the `dvc` and `git` commands that drive them."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +8,7 @@ import dataclasses
 import fcntl
 import os
 import pty
+import shutil
 import signal
 import socket
 import struct
@@ -268,8 +270,6 @@ PROJECT_FILES = ["pipeline", "digitlens", "params.yaml", "dvc.yaml", ".dvc/confi
 def project_copy(root: Path, mirror: Path) -> dict:
     """The project's code, params and DVC files copied into `root` and committed to a new Git repository, without
     outputs or dvc.lock; returns the environment its DVC commands run in (the data mirror, this Python's tools)."""
-    import shutil
-
     for name in PROJECT_FILES:
         src, dst = ROOT / name, root / name
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -285,9 +285,11 @@ def project_copy(root: Path, mirror: Path) -> dict:
     return env
 
 
+DVC = str(Path(sys.executable).with_name("dvc"))  # this environment's DVC
+
+
 def dvc(*args, cwd, env) -> subprocess.CompletedProcess:
-    cmd = [str(Path(sys.executable).with_name("dvc")), *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    return subprocess.run([DVC, *args], cwd=cwd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
 
 
 def git(*args, cwd, env) -> subprocess.CompletedProcess:
@@ -298,7 +300,7 @@ def run_queue(root: Path, env: dict, workers: int = 1, timeout: float = 600) -> 
     """`dvc queue start -j workers` (one torch thread each) and wait until nothing is queued or running; returns
     the last `dvc queue status`."""
     # the workers it starts are daemons that keep its stdout open: captured, the call would wait for them
-    started = subprocess.run([str(Path(sys.executable).with_name("dvc")), "queue", "start", "-j", str(workers)],
+    started = subprocess.run([DVC, "queue", "start", "-j", str(workers)],
                              cwd=root, env=dict(env, OMP_NUM_THREADS="1"), stdin=subprocess.DEVNULL,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
     assert started.returncode == 0
