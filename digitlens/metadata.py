@@ -60,6 +60,7 @@ class ModelInfo:
     preprocess: str  # one of PREPROCESSING
     model_args: dict = field(default_factory=dict)  # the architecture's constructor arguments, classes aside
     params: dict = field(default_factory=dict)  # what trained it: seed, device, recipe, augmentation, data, train
+    test_flip: bool = False  # the graph averages each image's logits with its mirror image's (test-time flips)
     test_accuracy: float | None = None
     input: dict = field(default_factory=lambda: dict(INPUT_SPEC))
     output: str = OUTPUT_NAME
@@ -76,6 +77,7 @@ class ModelInfo:
             "output": json.dumps(self.output),
             "preprocess": json.dumps(self.preprocess),
             "model_args": json.dumps(self.model_args, sort_keys=True),
+            "test_flip": json.dumps(self.test_flip),
             "test_accuracy": json.dumps(self.test_accuracy),
             "params": json.dumps(self.params, sort_keys=True),
             "export_id": json.dumps(self.export_id),
@@ -106,6 +108,9 @@ class ModelInfo:
         spec = values.get("input", INPUT_SPEC)
         if not all(isinstance(v, dict) for v in (model_args, params, spec)):
             raise MetadataError("model metadata: model_args, params and input must be JSON objects")
+        test_flip = values.get("test_flip", False)
+        if not isinstance(test_flip, bool):
+            raise MetadataError(f"model metadata: test_flip must be true or false (got {test_flip!r})")
         return cls(
             dataset=_string(values["dataset"], "dataset"),
             architecture=_string(values["architecture"], "architecture"),
@@ -114,6 +119,7 @@ class ModelInfo:
             std=std,
             preprocess=_string(values["preprocess"], "preprocess"),
             model_args=model_args,
+            test_flip=test_flip,
             test_accuracy=None if accuracy is None else _number(accuracy, "test_accuracy"),
             params=params,
             input=spec,

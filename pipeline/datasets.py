@@ -11,6 +11,7 @@ from pipeline.common import PipelineError
 
 SPLITS = {"train": "train", "test": "t10k"}  # split -> the prefix of its files
 SPLIT_SIZES = {"train": 60_000, "test": 10_000}  # images per split, the same in both data sets
+VALIDATION_SEED = 0  # the validation split is the same whatever params.yaml's `seed`: seeds vary training, not data
 
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -88,3 +89,13 @@ def load_split(data_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.
     if images.ndim != 3 or labels.shape != images.shape[:1]:
         raise PipelineError(f"{prefix}: images {images.shape} and labels {labels.shape} do not match")
     return images, labels
+
+
+def split_validation(images: np.ndarray, labels: np.ndarray, fraction: float
+                     ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """((train images, labels), (validation images, labels)): `fraction` of the training images, drawn with the
+    fixed VALIDATION_SEED, held out for every choice made during and about training; both parts keep file order."""
+    n_val = round(len(images) * fraction)
+    held = np.zeros(len(images), bool)
+    held[np.random.default_rng(VALIDATION_SEED).permutation(len(images))[:n_val]] = True
+    return (images[~held], labels[~held]), (images[held], labels[held])

@@ -57,7 +57,9 @@ def model_card(name: str, info: ModelInfo, per_class: dict[str, float], parity: 
         f"- Recipe: {recipe_text(info.params)}",
         f"- Input: float32 `({', '.join(map(str, info.input['shape']))})`, pixels in [0, 1] light on dark, "
         f"then `(x - {info.mean:g}) / {info.std:g}`;"
-        f" output `{info.output}`: logits over {len(info.class_names)} classes",
+        f" output `{info.output}`: logits over {len(info.class_names)} classes"
+        + (", the mean of the logits of the image and of its mirror image (test-time flips, in the graph: two "
+           "forward passes per image)" if info.test_flip else ""),
         f"- Preprocessing of users' images: `{info.preprocess}`",
         f"- Parity with PyTorch on the test set: ONNX max |logit diff| {parity['onnx']['max_abs_diff']:.1e}, "
         f"TorchScript {parity['torchscript']['max_abs_diff']:.1e}, "

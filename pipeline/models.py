@@ -152,6 +152,23 @@ class TunedCNN(nn.Module):
         return self.head(self.features(x))
 
 
+class MirrorAveraged(nn.Module):
+    """Test-time flips inside the graph: the mean of `model`'s logits for each image and its mirror image (the
+    recipes' `test_flip`, on flip-invariant data sets). It shares the model's weights; exports carry both passes."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, classes)
+        return (self.model(x) + self.model(x.flip(-1))) / 2
+
+
+def inference_model(model: nn.Module, test_flip: bool) -> nn.Module:
+    """`model` as it classifies at test time: averaged with its mirror images when `test_flip`."""
+    return MirrorAveraged(model) if test_flip else model
+
+
 @dataclass(frozen=True)
 class RunFacts:
     """How long and where a model trained: its epochs, parameter count, device, precision, CPU threads and torch
@@ -176,10 +193,11 @@ class Checkpoint:
     run: RunFacts
 
     def model(self) -> nn.Module:
-        """The trained model, rebuilt from its facts, in eval mode."""
+        """The trained model as it classifies (with its test-time flips, if any), rebuilt from its facts, in eval
+        mode."""
         model = create_model(self.info.architecture, num_classes=len(self.info.class_names), **self.info.model_args)
         model.load_state_dict(self.state_dict)
-        return model.eval()
+        return inference_model(model, self.info.test_flip).eval()
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> None:

@@ -103,6 +103,9 @@ class Recipe(Strict):
     epochs: int = Field(gt=0)
     normalize: bool = False  # standardise with the data set's mean/std, else only scale to [0, 1]
     hflip: bool = False  # random horizontal flip augmentation, on flip-invariant data sets only
+    # test-time flips, on flip-invariant data sets only: the model's logits averaged over each image and its mirror
+    # image, inside the exported graph (two forward passes per image)
+    test_flip: bool = False
     augment: Augment = Augment()
     model_args: dict[str, Any] = {}
     scheduler: Plateau | OneCycle | None = None
@@ -131,7 +134,9 @@ class DatasetParams(Strict):
 
 
 class DataParams(Strict):
-    train_limit: int | None = Field(None, gt=0)  # quick runs: train on the first N images only
+    # the share of the training images held out, with a fixed seed, for per-epoch curves and recipe choices
+    val_fraction: float = Field(0.1, gt=0, le=0.5)
+    train_limit: int | None = Field(None, gt=0)  # quick runs: train on the first N of the rest only
 
 
 class TrainParams(Strict):
@@ -189,7 +194,8 @@ class Params(Strict):
             missing = [k for k in known if k not in have]
             if missing:
                 raise ValueError(f"{kind}: missing {', '.join(missing)}")
-        limit, images = self.data.train_limit, SPLIT_SIZES["train"]
+        limit = self.data.train_limit
+        images = SPLIT_SIZES["train"] - round(SPLIT_SIZES["train"] * self.data.val_fraction)
         for arch, recipe in self.recipes.items():
             if not recipe.drop_last or recipe.batch_size <= min(limit or images, images):
                 continue
@@ -197,7 +203,8 @@ class Params(Strict):
                 raise ValueError(f"data.train_limit: {limit} is smaller than recipes.{arch}.batch_size "
                                  f"({recipe.batch_size}), whose incomplete batches are dropped: nothing would train")
             raise ValueError(f"recipes.{arch}.batch_size: {recipe.batch_size} is more than the {images:,} training "
-                             f"images, and recipes.{arch}.drop_last drops incomplete batches: nothing would train")
+                             f"images left beside the validation split, and recipes.{arch}.drop_last drops "
+                             "incomplete batches: nothing would train")
         return self
 
     def eval_batch(self, device_type: str) -> int:
@@ -219,6 +226,9 @@ class Params(Strict):
 
     def hflip(self, dataset: str, arch: str) -> bool:
         return self.recipes[arch].hflip and self.datasets[dataset].flip_invariant
+
+    def test_flip(self, dataset: str, arch: str) -> bool:
+        return self.recipes[arch].test_flip and self.datasets[dataset].flip_invariant
 
     def augment(self, dataset: str, arch: str) -> Augment:
         """The recipe's augmentation less what would change labels on `dataset`."""

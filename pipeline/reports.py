@@ -108,11 +108,11 @@ def plot_report(info: ModelInfo, history: list[dict], metrics: dict, cm: np.ndar
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc, ax_cm) = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [1, 1, 1.2]})
     ax_loss.plot(epochs, [h["train/loss"] for h in history], "o-", label="train")
-    ax_loss.plot(epochs, [h["test/loss"] for h in history], "o-", label="test")
+    ax_loss.plot(epochs, [h["val/loss"] for h in history], "o-", label="validation")
     ax_loss.set(title="loss", xlabel="epoch", yscale="log")
     ax_loss.legend()
-    ax_acc.plot(epochs, [h["test/accuracy"] for h in history], "o-", color="tab:green")
-    ax_acc.set(title="test accuracy (%)", xlabel="epoch")
+    ax_acc.plot(epochs, [h["val/accuracy"] for h in history], "o-", color="tab:green")
+    ax_acc.set(title="validation accuracy (%)", xlabel="epoch")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)

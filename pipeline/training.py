@@ -15,14 +15,15 @@ from tqdm import tqdm
 from digitlens.metadata import ModelInfo
 from pipeline.augment import Augmentation
 from pipeline.common import PipelineError
-from pipeline.datasets import dataset_info, load_split
-from pipeline.models import Checkpoint, RunFacts, create_model
+from pipeline.datasets import dataset_info, load_split, split_validation
+from pipeline.models import Checkpoint, RunFacts, create_model, inference_model
 from pipeline.params import PARAMS_FILE, OneCycle, Params, Recipe
 from pipeline.tensors import amp_dtype, device_name, full_fp32, pick_device, precision_label, predict_logits, score, to_inputs
 
 # What each epoch's history row holds besides its "epoch": DVCLive's names, whose "/" make folders of its plots
-# (reports/<dataset>/<arch>/train/plots/metrics/test/accuracy.tsv) and nested keys of its metrics.json.
-EPOCH_METRICS = ("train/loss", "test/loss", "test/accuracy", "lr", "epoch_time_s")
+# (reports/<dataset>/<arch>/train/plots/metrics/val/accuracy.tsv) and nested keys of its metrics.json. "val" is
+# the validation split carved from the training images (data.val_fraction); the test set is not looked at here.
+EPOCH_METRICS = ("train/loss", "val/loss", "val/accuracy", "lr", "epoch_time_s")
 
 
 class Diverged(PipelineError):
@@ -91,11 +92,13 @@ def train_epoch(model, optimizer, x, y, batches, augment: Augmentation | None = 
     return (total / count).item(), loss.item()
 
 
-def fit(model, recipe: Recipe, train_x, train_y, test_x, test_y, *, seed: int, eval_batch_size: int,
-        amp: torch.dtype | None = None, augment: Augmentation = NO_AUGMENTATION, log=print,
+def fit(model, recipe: Recipe, train_x, train_y, val_x, val_y, *, seed: int, eval_batch_size: int,
+        amp: torch.dtype | None = None, augment: Augmentation = NO_AUGMENTATION, test_flip: bool = False, log=print,
         on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
     """Train `model` in place with `recipe` and `augment` (what the data set allows of the recipe's
-    augmentation); returns the per-epoch history, each row also given to `on_epoch` as soon as it is known."""
+    augmentation), scoring the validation images after each epoch as the model will classify (with `test_flip`);
+    returns the per-epoch history, each row also
+    given to `on_epoch` as soon as it is known."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = make_optimizer(model, recipe)
     plateau = per_batch = None
@@ -106,6 +109,7 @@ def fit(model, recipe: Recipe, train_x, train_y, test_x, test_y, *, seed: int, e
             **recipe.scheduler.model_dump(exclude={"kind"}))
     elif recipe.scheduler is not None:
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **recipe.scheduler.model_dump())
+    classifier = inference_model(model, test_flip)
     history = []
     for epoch in range(1, recipe.epochs + 1):
         start = time.perf_counter()
@@ -120,56 +124,58 @@ def fit(model, recipe: Recipe, train_x, train_y, test_x, test_y, *, seed: int, e
             raise Diverged(f"epoch {epoch}: the training loss is {train_loss}")
         if plateau is not None:
             plateau.step(last_loss)  # as tutorial 001: on the epoch's last batch loss
-        test_loss, test_acc = score(predict_logits(model, test_x, eval_batch_size), test_y)
+        val_loss, val_acc = score(predict_logits(classifier, val_x, eval_batch_size), val_y)
         seconds = time.perf_counter() - start
-        row = {"epoch": epoch, **dict(zip(EPOCH_METRICS, (train_loss, test_loss, test_acc, lr, seconds)))}
+        row = {"epoch": epoch, **dict(zip(EPOCH_METRICS, (train_loss, val_loss, val_acc, lr, seconds)))}
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)
-        log(f"epoch {epoch:>2}/{recipe.epochs}  train_loss {train_loss:.4f}  test_loss {test_loss:.4f}  "
-            f"test_acc {test_acc:6.2f}%  lr {lr:.3g}  {seconds:.1f}s")
+        log(f"epoch {epoch:>2}/{recipe.epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
+            f"val_acc {val_acc:6.2f}%  lr {lr:.3g}  {seconds:.1f}s")
     return history
 
 
 def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=print,
           params_file: str = PARAMS_FILE, on_epoch: Callable[[dict], None] | None = None,
           monitor: int | None = None) -> Checkpoint:
-    """Train one model; returns its checkpoint. `on_epoch` gets each epoch's history row as it ends. `monitor`:
-    score only the first N test images after each epoch (tests; the stage scores them all)."""
+    """Train one model on the training images less the validation split; returns its checkpoint. `on_epoch` gets
+    each epoch's history row as it ends. `monitor`: score only the first N validation images after each epoch
+    (tests; the stage scores them all)."""
     recipe = params.recipe(arch)
     device = pick_device(params.device, params_file)
     torch.manual_seed(params.seed)
     mean, std = params.normalization(dataset, arch)
-    train_images, train_labels = load_split(data_dir, "train")
-    test_images, test_labels = (a[:monitor] for a in load_split(data_dir, "test"))
+    (train_images, train_labels), val = split_validation(*load_split(data_dir, "train"), params.data.val_fraction)
+    val_images, val_labels = (a[:monitor] for a in val)
     if params.data.train_limit is not None:
         train_images, train_labels = train_images[:params.data.train_limit], train_labels[:params.data.train_limit]
-    train_x, test_x = (to_inputs(a, mean, std, device) for a in (train_images, test_images))
-    train_y, test_y = (torch.from_numpy(a).to(device) for a in (train_labels, test_labels))
+    train_x, val_x = (to_inputs(a, mean, std, device) for a in (train_images, val_images))
+    train_y, val_y = (torch.from_numpy(a).to(device) for a in (train_labels, val_labels))
     classes = dataset_info(dataset).classes
     model = create_model(arch, num_classes=len(classes), **recipe.model_args).to(device)
     if params.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-        train_x, test_x = (t.contiguous(memory_format=torch.channels_last) for t in (train_x, test_x))
+        train_x, val_x = (t.contiguous(memory_format=torch.channels_last) for t in (train_x, val_x))
     amp = amp_dtype(params.train.amp, device)
     if device.type == "cuda":
         full_fp32()  # what autocast leaves in float32 stays float32, and the label says so
     precision = precision_label(amp)
     threads = torch.get_num_threads() if device.type == "cpu" else None
-    log(f"training {arch} on {dataset} ({len(train_x)} images) on {device} ({precision}"
+    log(f"training {arch} on {dataset} ({len(train_x)} images, {len(val_x)} for validation) on {device} ({precision}"
         f"{f', {threads} threads' if threads else ''}): {recipe.optimizer} lr {recipe.lr} batch {recipe.batch_size} "
         f"epochs {recipe.epochs}")
     start = time.perf_counter()
     try:
-        history = fit(model, recipe, train_x, train_y, test_x, test_y, seed=params.seed,
+        history = fit(model, recipe, train_x, train_y, val_x, val_y, seed=params.seed,
                       eval_batch_size=params.eval_batch(device.type), amp=amp, augment=augmentation(params, dataset, arch),
-                      log=log, on_epoch=on_epoch)
+                      test_flip=params.test_flip(dataset, arch), log=log, on_epoch=on_epoch)
     except Diverged as e:
         raise PipelineError(f"{arch} on {dataset} diverged, {e}: lower recipes.{arch}.lr ({recipe.lr:g}), or check "
                             f"datasets.{dataset}.mean/std ({mean:g}/{std:g}); nothing written") from None
     train_time = time.perf_counter() - start
     info = ModelInfo(dataset=dataset, architecture=arch, class_names=list(classes), mean=mean, std=std,
                      preprocess=params.datasets[dataset].preprocess, model_args=dict(recipe.model_args),
+                     test_flip=params.test_flip(dataset, arch),
                      params={"seed": params.seed, "device": params.device, "recipe": recipe.model_dump(),
                              "hflip": params.hflip(dataset, arch), "augment": params.augment(dataset, arch).model_dump(),
                              "data": params.data.model_dump(), "train": params.train.model_dump()})

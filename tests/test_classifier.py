@@ -141,6 +141,7 @@ def test_bad_arguments_and_models(clf, png, tmp_path):
     ("class_names", '{"a": 1}', "class_names must be a non-empty list of strings"),
     ("preprocess", '"jpeg2000"', "unknown preprocessing 'jpeg2000'"),
     ("dataset", "not json", "not JSON"),
+    ("test_flip", '"yes"', "test_flip must be true or false"),
 ])
 def test_malformed_metadata_is_refused_not_coerced(tmp_path, field, value, reason):
 

@@ -56,6 +56,18 @@ def test_load_split_refuses_mismatched_labels(tmp_path):
         datasets.load_split(tmp_path, "test")
 
 
+def test_validation_split_is_fixed_disjoint_and_keeps_file_order():
+    images = np.arange(1000, dtype=np.uint8).reshape(1000, 1, 1) % 251
+    labels = np.arange(1000)
+    (train_x, train_y), (val_x, val_y) = datasets.split_validation(images, labels, 0.1)
+    assert len(val_y) == 100 and len(train_y) == 900 and set(train_y).isdisjoint(val_y)
+    assert sorted([*train_y, *val_y]) == list(labels) and list(train_y) == sorted(train_y)
+    np.testing.assert_array_equal(train_x[:, 0, 0], images[train_y, 0, 0])
+    np.random.seed(123)  # the global generator (and params.yaml's `seed`) does not move it
+    assert list(datasets.split_validation(images, labels, 0.1)[1][1]) == list(val_y)
+    assert len(datasets.split_validation(images, labels, 0.25)[1][1]) == 250
+
+
 def test_mirror_checksums_and_sanity_figures(data_root):
     images, labels = datasets.load_split(data_root / "mnist", "train")
     assert images.shape == (60000, 28, 28) and images.dtype == np.uint8

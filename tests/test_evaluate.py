@@ -84,11 +84,11 @@ def test_training_metrics_can_be_read_before_it_ends(chain):
     paths, seen, _ = chain
     assert [(m["step"], done) for m, done in seen] == [(1, False), (2, False), (3, False)]
     first = seen[0][0]
-    assert set(first) == {"train", "test", "lr", "epoch_time_s", "step"} and 0 < first["test"]["accuracy"] <= 100
+    assert set(first) == {"train", "val", "lr", "epoch_time_s", "step"} and 0 < first["val"]["accuracy"] <= 100
     history = ev.read_history(paths["train"])
     assert [row["epoch"] for row in history] == [1, 2, 3]
-    assert history[-1]["test/accuracy"] == json.loads((paths["train"] / "metrics.json").read_text())["test"]["accuracy"]
-    tsv = (paths["train"] / "plots" / "metrics" / "test" / "accuracy.tsv").read_text().splitlines()
+    assert history[-1]["val/accuracy"] == json.loads((paths["train"] / "metrics.json").read_text())["val"]["accuracy"]
+    tsv = (paths["train"] / "plots" / "metrics" / "val" / "accuracy.tsv").read_text().splitlines()
     assert tsv[0] == "step\taccuracy" and len(tsv) == 4
 
 

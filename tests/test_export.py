@@ -16,7 +16,7 @@ from digitlens.runtime import onnx_session
 from pipeline import conversion as ex
 from pipeline.common import PipelineError
 from pipeline.datasets import dataset_info, load_split
-from pipeline.models import create_model, list_models, save_checkpoint
+from pipeline.models import create_model, inference_model, list_models, save_checkpoint
 from pipeline.stages import export as export_stage
 from tests.conftest import ROOT
 
@@ -66,6 +66,25 @@ def test_onnx_and_torchscript_match_pytorch(exported_random, batch):
         assert out.shape == (batch, 10)
         assert np.abs(out - reference).max() <= ex.TOLERANCE
         np.testing.assert_array_equal(out.argmax(1), reference.argmax(1))
+
+
+def test_test_time_flips_are_in_the_exported_graphs(tmp_path):
+    torch.manual_seed(0)
+    model = inference_model(create_model("cnn"), test_flip=True).eval()
+    info = dataclasses.replace(info_for("cnn", "fashion-mnist"), test_flip=True)
+    rng = np.random.default_rng(0)
+    x, labels = rng.random((200, 1, 28, 28), np.float32), rng.integers(0, 10, 200)
+    info, ts_bytes, onnx_bytes, report = ex.export(model, info, x, labels, batch_size=64)
+    (tmp_path / "m.onnx").write_bytes(onnx_bytes)
+    (tmp_path / "m.pt").write_bytes(ts_bytes)
+    session = onnx_session(tmp_path / "m.onnx")
+    out, mirrored = (session.run([OUTPUT_NAME], {INPUT_NAME: a})[0] for a in (x[:8], np.ascontiguousarray(x[:8, ..., ::-1])))
+    np.testing.assert_allclose(out, mirrored, atol=1e-5)  # an image and its mirror image: one answer
+    scripted, ts_info = load_torchscript(tmp_path / "m.pt")
+    with torch.inference_mode():
+        np.testing.assert_allclose(scripted(torch.from_numpy(x[:8])).numpy(), out, atol=ex.TOLERANCE)
+    assert ModelInfo.from_metadata(session.get_modelmeta().custom_metadata_map).test_flip and ts_info.test_flip
+    assert report["onnx"]["argmax_mismatches"] == 0
 
 
 def test_onnx_file_is_self_contained_and_checked(exported_random, tmp_path):

@@ -566,8 +566,8 @@ BAD_PARAMS = {  # id -> (params.yaml's text, what the one line says after 'Error
     "nan-mean": (params_text("mean: 0.1307", "mean: .nan"), "datasets.mnist.mean: Input should be a finite number"),
     "batch-over-training-set": (params_text("batch_size: 100\n    drop_last: true\n    epochs: 20",
                                             "batch_size: 60001\n    drop_last: true\n    epochs: 20"),
-                                "recipes.cnn.batch_size: 60001 is more than the 60,000 training images, and "
-                                "recipes.cnn.drop_last drops incomplete batches"),
+                                "recipes.cnn.batch_size: 60001 is more than the 54,000 training images left beside the "
+                                "validation split, and recipes.cnn.drop_last drops incomplete batches"),
     "batch-over-train-limit": (params_text("train_limit: null", "train_limit: 99"),
                                "data.train_limit: 99 is smaller than recipes.softmax.batch_size (100)"),
     "rotation-over-180": (params_text("rotate: 10 ", "rotate: 200 "),

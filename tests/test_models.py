@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.models import MODELS, create_model, list_models
+from pipeline.models import MODELS, MirrorAveraged, create_model, inference_model, list_models
 
 
 def test_registry_has_the_four_reference_architectures_and_the_tuned_one():
@@ -45,3 +45,16 @@ def test_parameter_counts():
     assert counts["softmax"] == 784 * 10 + 10
     assert counts["mlp"] == 784 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10
     assert counts["simple_cnn"] == (10 * 25 + 10) + (20 * 10 * 25 + 20) + (320 * 10 + 10)
+
+
+def test_test_time_flips_average_each_image_with_its_mirror_image():
+    torch.manual_seed(0)
+    model = create_model("cnn").eval()
+    x = torch.rand(4, 1, 28, 28)
+    averaged = inference_model(model, test_flip=True).eval()
+    assert isinstance(averaged, MirrorAveraged) and inference_model(model, test_flip=False) is model
+    with torch.inference_mode():
+        expected = (model(x) + model(torch.flip(x, dims=[3]))) / 2
+        torch.testing.assert_close(averaged(x), expected)
+        torch.testing.assert_close(averaged(torch.flip(x, dims=[3])), averaged(x))  # mirror images: one answer
+    assert averaged.state_dict().keys() == {f"model.{k}" for k in model.state_dict()}  # the same weights, shared

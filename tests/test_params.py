@@ -38,6 +38,11 @@ def test_augmentation_follows_the_data_set_properties():
     assert clothes.erase > 0 and clothes.rotate == clothes.shear == clothes.scale == 0
     assert digits.translate == clothes.translate > 0
     assert (params.hflip("mnist", "tuned_cnn"), params.hflip("fashion-mnist", "tuned_cnn")) == (False, True)
+    # test-time flips follow the same property, whatever a recipe asks
+    flips_asked = params.model_copy(update={"recipes": {
+        name: r.model_copy(update={"test_flip": True}) for name, r in params.recipes.items()}})
+    assert {(ds, flips_asked.test_flip(ds, "cnn")) for ds in ("mnist", "fashion-mnist")} == {
+        ("mnist", False), ("fashion-mnist", True)}
     # the reference recipes get none
     assert params.augment("mnist", "cnn") == params.augment("fashion-mnist", "cnn") == type(digits)()
 
@@ -61,6 +66,8 @@ def test_epochs_override_replaces_every_recipe():
     ("device", "tpu", False, "device: Input should be 'auto', 'cpu' or 'cuda' (got 'tpu')"),
     ("train.amp", "fp16", False, "train.amp: Input should be 'auto', 'bf16' or 'off' (got 'fp16')"),
     ("data.train_limit", 0, False, "data.train_limit: Input should be greater than 0 (got 0)"),
+    ("data.val_fraction", 0, False, "data.val_fraction: Input should be greater than 0 (got 0)"),
+    ("data.val_fraction", 0.9, False, "data.val_fraction: Input should be less than or equal to 0.5 (got 0.9)"),
     ("recipes.mlp.model_args", {"dropuot": 0.1}, False, "unknown argument 'dropuot'; allowed: dropout"),
     ("recipes.mlp.model_args", {"dropout": 1.5}, False, "mlp.model_args: dropout must be a number in [0, 1) (got 1.5)"),
     ("recipes.mlp.model_args", {"dropout": "0.2"}, False, "dropout must be a number in [0, 1) (got '0.2')"),

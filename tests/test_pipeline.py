@@ -77,7 +77,7 @@ def test_dvc_metrics_and_plots(quick_project):
     html = (root / "plots" / "index.html").read_text()
     for dataset in DATASETS:
         for arch in list_models():
-            assert f"reports/{dataset}/{arch}/train/plots/metrics/test/accuracy.tsv" in html
+            assert f"reports/{dataset}/{arch}/train/plots/metrics/val/accuracy.tsv" in html
             assert f'"text": "{arch} on {dataset} - confusion matrix"' in html
             assert f"reports/{dataset}/{arch}/report.png" in html
             assert f"reports/{dataset}/{arch}/mistakes.png" in html

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from pipeline import training as tr
 from pipeline.common import PipelineError
-from pipeline.datasets import load_split
+from pipeline.datasets import load_split, split_validation
 from pipeline.models import create_model, list_models, load_checkpoint, save_checkpoint
 from pipeline.params import OneCycle
 from pipeline.reference import reference_dataset, reference_train_steps, reference_transform
@@ -145,6 +145,18 @@ def test_threads_come_from_the_environment_not_from_params(params, data_root, tm
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}).stdout
     assert f"({precision_label(amp_dtype('auto', torch.device('cpu')))}, 1 threads)" in out
     assert out.strip().endswith("threads 1")
+
+
+def test_training_never_reads_the_test_set_and_scores_the_held_out_images(params, data_root, monkeypatch):
+    read, lines = [], []
+    monkeypatch.setattr(tr, "load_split", lambda folder, split: read.append(split) or load_split(folder, split))
+    ckpt = tr.train(quick_params(params, epochs=1, train_limit=None), "mnist", "softmax", data_root / "mnist",
+                    log=lines.append)
+    assert read == ["train"] and "(54000 images, 6000 for validation)" in lines[0]
+    _, (val_x, val_y) = split_validation(*load_split(data_root / "mnist", "train"), params.data.val_fraction)
+    with torch.inference_mode():
+        pred = ckpt.model()(torch.from_numpy(val_x).float().div(255).unsqueeze(1)).argmax(1).numpy()
+    assert ckpt.history[-1]["val/accuracy"] == pytest.approx(100 * (pred == val_y).mean(), abs=0.02)  # one image
 
 
 def test_history_has_one_row_per_epoch(params, data_root):
