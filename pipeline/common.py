@@ -1,43 +1,20 @@
-"""What the stages share: the pipeline's error type, atomic writes, one-line stage errors and text tables."""
+"""What the stages share: the pipeline's error type, atomic writes (digitlens.files), one-line stage errors and text
+tables."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import click
 
+from digitlens.files import atomic_path
+
 
 class PipelineError(Exception):
     """An expected failure (bad params, bad data, bad file) reported as one line, no traceback."""
-
-
-def umask() -> int:
-    """The process's umask (reading it means setting it, briefly to the strictest common value)."""
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp made it 0600; the file gets the mode any other would
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from digitlens.files import umask
 from digitlens.metadata import IMAGE_SIZE
-from pipeline.common import PipelineError, umask
+from pipeline.common import PipelineError
 from pipeline.datasets import SPLIT_SIZES, SPLITS, dataset_info
 
 MIRROR_ENV = "DATASET_MIRROR"

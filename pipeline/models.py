@@ -8,8 +8,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from digitlens.files import atomic_path
 from digitlens.metadata import IMAGE_SIZE, ModelInfo
-from pipeline.common import PipelineError, atomic_path
+from pipeline.common import PipelineError
 
 MODELS: dict[str, type[nn.Module]] = {}
 

@@ -13,7 +13,8 @@ import numpy as np
 
 from digitlens import Classifier, ModelInfo
 from digitlens.classifier import BATCH_SIZE
-from pipeline.common import PipelineError, atomic_path
+from digitlens.files import atomic_path
+from pipeline.common import PipelineError
 from pipeline.datasets import dataset_info
 from pipeline.scoring import accuracy, class_accuracy, confusion_matrix, cross_entropy
 

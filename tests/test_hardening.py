@@ -27,6 +27,7 @@ from click.testing import CliRunner
 from PIL import Image, ImageOps
 
 from digitlens import Classifier, ImageError, ModelError, images, infer, limits
+from digitlens.files import atomic_path
 from digitlens.limits import MAX_MODEL_BYTES
 from digitlens.metadata import ModelInfo
 from digitlens.text import one_line
@@ -525,7 +526,7 @@ def test_written_files_and_folders_get_the_mode_the_umask_gives(tmp_path, monkey
     previous = os.umask(mask)
     try:
         common.write_json(tmp_path / "reports" / "metrics.json", {"accuracy": 99.0})
-        with common.atomic_path(tmp_path / "model.pt") as tmp:
+        with atomic_path(tmp_path / "model.pt") as tmp:
             tmp.write_bytes(b"weights")
         data.fetch("mnist", tmp_path / "data" / "mnist", log=lambda msg: None)
     finally:

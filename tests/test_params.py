@@ -30,7 +30,7 @@ def test_repository_params_are_valid():
 
 
 def test_augmentation_follows_the_data_set_properties():
-    params = load_params(ROOT / "params.yaml")
+    params = parse_params(with_change("recipes.tuned_cnn.augment.erase", 0.25))  # every kind asked for
     digits, clothes = params.augment("mnist", "tuned_cnn"), params.augment("fashion-mnist", "tuned_cnn")
     # digits: warped (handwriting varies in pose), never erased (a hidden stroke changes the digit)
     assert digits.rotate > 0 and digits.shear > 0 and digits.scale > 0 and digits.erase == 0

@@ -163,9 +163,10 @@ def numeric(value) -> bool:
 
 
 def test_a_queued_sweep_runs_in_parallel_workers_and_shows_in_exp_show(pushed):
-    """The README's sweep: a grid queued with -S, two workers of one thread each, compared in dvc exp show."""
+    """The README's sweep: a grid queued with -S, two workers of one thread each, compared on validation figures
+    in dvc exp show."""
     root, env = pushed
-    queued = dvc("exp", "run", "--queue", "-S", "recipes.tuned_cnn.lr=0.05,0.2", "evaluate@tuned_cnn",
+    queued = dvc("exp", "run", "--queue", "-S", "recipes.tuned_cnn.lr=0.05,0.2", "train@tuned_cnn",
                  cwd=root, env=env)
     assert queued.returncode == 0, queued.stderr
     status = run_queue(root, env, workers=2)
@@ -175,8 +176,8 @@ def test_a_queued_sweep_runs_in_parallel_workers_and_shows_in_exp_show(pushed):
     rows = [r for r in experiments(json.loads(shown.stdout)) if r["params"]["recipes"]["tuned_cnn"]["lr"] in (0.05, 0.2)]
     assert sorted(r["params"]["recipes"]["tuned_cnn"]["lr"] for r in rows) == [0.05, 0.2]
     for row in rows:
-        metrics = row["metrics"]["reports/mnist/tuned_cnn/metrics.json"]
-        assert 10 < metrics["accuracy"] <= 100 and metrics["epochs"] == 1
+        metrics = row["metrics"]["reports/mnist/tuned_cnn/train/metrics.json"]  # DVCLive's: validation figures
+        assert 10 < metrics["val"]["accuracy"] <= 100 and metrics["step"] == 1
         assert all(map(numeric, row["metrics"].values()))  # every metrics file: numbers only
         log = dvc("queue", "logs", row["name"], cwd=root, env=env).stdout
         assert "1 threads)" in log  # the worker's OMP_NUM_THREADS reached the training stage

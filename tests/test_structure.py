@@ -97,4 +97,4 @@ def test_top_level_loss_plots_cover_every_trained_model():
     for dataset in DATASETS:
         files = plots[f"{dataset}-loss"]["y"]
         assert sorted(files) == sorted(f"reports/{dataset}/{a}/train/plots/metrics/{part}/loss.tsv"
-                                       for a in list_models() for part in ("train", "test"))
+                                       for a in list_models() for part in ("train", "val"))

@@ -1,0 +1,31 @@
+"""Files written whole or not at all: a temporary file beside the target, renamed over it on success."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def umask() -> int:
+    """The process's umask (reading it means setting it, briefly to the strictest common value)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp made it 0600; the file gets the mode any other would
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
