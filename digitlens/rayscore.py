@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -57,8 +58,10 @@ def score(files: list[str] | None, model: str, *, files_from: str | None = None,
     import ray
 
     if files_from is not None:
-        ds = ray.data.read_text(str(Path(files_from).resolve())).filter(lambda r: bool(r["text"].strip()))
-        ds = ds.map(lambda r: {"file": r["text"].strip()})
+        # no CPU for reading names: the actors hold one each, and a read waiting for a CPU would wait forever
+        base = os.getcwd()  # relative names are relative to where the command runs, as infer's
+        ds = ray.data.read_text(str(Path(files_from).resolve()), drop_empty_lines=True, ray_remote_args={"num_cpus": 0})
+        ds = ds.map(lambda r: {"file": os.path.join(base, r["text"])}, num_cpus=0)
     else:
         ds = ray.data.from_items([{"file": f} for f in files])
     actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -67,30 +70,32 @@ def score(files: list[str] | None, model: str, *, files_from: str | None = None,
     yield from scored.iter_batches(batch_format="pyarrow", batch_size=None)
 
 
+def result_schema():
+    """The Parquet columns: file, predictions (class, index, probability per rank; null for a failed file), error."""
+    import pyarrow as pa
+
+    prediction = pa.struct([("class", pa.string()), ("index", pa.int64()), ("probability", pa.float64())])
+    return pa.schema([("file", pa.string()), ("predictions", pa.list_(prediction)), ("error", pa.string())])
+
+
 def write(batches: Iterator, out: Path, fmt: str) -> tuple[int, int]:
     """Stream result batches into `out` (written whole or not at all); returns (records, failed)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     count = failed = 0
-    with atomic_path(out) as tmp:
-        writer = None
-        with open(tmp, "w", encoding="utf-8") if fmt == "jsonl" else open(os.devnull, "w") as text:
-            for table in batches:
-                count += table.num_rows
-                failed += table.num_rows - table.column("error").null_count
-                if fmt == "jsonl":
-                    text.writelines(json.dumps(record(row)) + "\n" for row in table.to_pylist())
-                    continue
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema)
-                writer.write_table(table.cast(writer.schema) if table.schema != writer.schema else table)
-        if fmt == "parquet":
-            if writer is None:  # nothing to score: an empty file of the same schema
-                writer = pq.ParquetWriter(tmp, pa.schema([("file", pa.string()), ("predictions", pa.list_(pa.struct([
-                    ("class", pa.string()), ("index", pa.int64()), ("probability", pa.float64())]))),
-                    ("error", pa.string())]))
-            writer.close()
+    schema = result_schema()
+    with atomic_path(out) as tmp, contextlib.ExitStack() as stack:
+        if fmt == "jsonl":
+            text = stack.enter_context(open(tmp, "w", encoding="utf-8"))
+        else:
+            parquet = stack.enter_context(pq.ParquetWriter(tmp, schema))
+        for table in batches:
+            count += table.num_rows
+            failed += table.num_rows - table.column("error").null_count
+            if fmt == "jsonl":
+                text.writelines(json.dumps(record(row)) + "\n" for row in table.to_pylist())
+            else:  # a batch of failures only has null-typed predictions: cast to the one schema
+                parquet.write_table(table.select(schema.names).cast(schema))
     return count, failed
 
 

@@ -57,6 +57,14 @@ def test_handwriting_compares_models(exported, data_root):
 
 
 @pytest.mark.slow
+def test_rayscore_times_both_commands_on_the_same_files(exported, data_root):
+    result = benchmark("rayscore", "--images", 40, "--model", exported("mnist", "cnn")[0], "--data", data_root / "mnist")
+    assert result.returncode == 0, result.stderr
+    assert "the same predictions: yes" in result.stdout
+    assert [line.split()[0] for line in result.stdout.splitlines()[1:3]] == ["infer", "infer-ray"]
+
+
+@pytest.mark.slow
 def test_speed_prints_and_writes_every_figure(data_root, tmp_path):
     out = tmp_path / "results.json"
     result = benchmark("speed", "--data", data_root / "mnist", "--arch", "softmax", "--steps", "3", "--repeats", "1",
