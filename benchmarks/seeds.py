@@ -3,7 +3,7 @@ from the DVC experiments of the current commit (a queued sweep over `seed`, docs
 
     dvc exp run --queue -S 'seed=1,2' evaluate@tuned_cnn evaluate@fashion-tuned_cnn
     dvc queue start -j 1
-    python -m benchmarks.seeds                                    # the tuned models: seed 0 from the workspace
+    python -m benchmarks.seeds                                    # the tuned models: seed 0 is the commit's
     python -m benchmarks.seeds --model cnn --model fashion-cnn    # any models of dvc.yaml's table
 
 Each seed is counted once (an experiment repeating a seed already seen is left out, and said so). The committed
@@ -26,24 +26,28 @@ def model_table() -> dict[str, dict]:
 
 
 def column(row: dict, path: str, key: str):
-    """A metric of `row` (a dvc.api.exp_show row): DVC names a column `path:key` where files share a key."""
-    return row.get(f"{path}:{key}", row.get(key)) if any(k.startswith(path) for k in row) else None
+    """A metric of `row` (a dvc.api.exp_show row), whose columns are named `path:key`."""
+    return row.get(f"{path}:{key}")
 
 
 def seed_runs(rows: list[dict], path: str) -> tuple[dict[int, dict], list[str]]:
-    """{seed: {accuracy, train_time_s, experiment}} of the rows that have `path`'s metrics, the first row of each
-    seed kept; and the names of the rows left out as repeats."""
+    """{seed: {accuracy, train_time_s, experiment}} from dvc.api.exp_show rows: the commit's own row and its finished
+    experiments (a queued or running one still shows the commit's figures), the first row of each seed; and the
+    names of the finished experiments left out as repeats of a seed."""
     runs, repeats = {}, []
     for row in rows:
+        if row.get("rev") == "workspace" or row.get("State") not in (None, "Success"):
+            continue
         values = {k: column(row, path, k) for k in METRIC_KEYS}
-        seed = row.get("seed")
-        if not isinstance(seed, int) or not all(isinstance(v, (int, float)) for v in values.values()):
+        seed = row.get("seed")  # DVC gives numbers as floats
+        if not isinstance(seed, (int, float)) or seed != int(seed) or \
+                not all(isinstance(v, (int, float)) for v in values.values()):
             continue
-        name = row.get("Experiment") or row.get("rev") or "workspace"
-        if seed in runs:
-            repeats.append(f"{name} (seed {seed})")
+        name = row.get("Experiment") or row.get("rev")
+        if int(seed) in runs:
+            repeats.append(f"{name} (seed {int(seed)})")
             continue
-        runs[seed] = {**values, "experiment": name}
+        runs[int(seed)] = {**values, "experiment": name}
     return runs, repeats
 
 

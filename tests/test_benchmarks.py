@@ -92,3 +92,21 @@ def test_the_gpu_check_says_there_is_no_gpu_and_runs_nothing():
     result = subprocess.run(["bash", ROOT / "benchmarks" / "gpu-check.sh"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout == "gpu-check: no NVIDIA GPU on this machine; nothing run\n"
     assert not (ROOT / ".venv-gpu").exists()
+
+
+def test_seeds_counts_each_finished_seed_once():
+    from benchmarks.seeds import seed_runs, spread
+
+    path = "reports/mnist/tuned_cnn/metrics.json"
+
+    def row(rev, seed, acc, experiment=None, state=None, typ="branch_commit"):  # as dvc.api.exp_show gives them
+        return {"Experiment": experiment, "rev": rev, "typ": typ, "State": state, "seed": float(seed),
+                f"{path}:accuracy": acc, f"{path}:train_time_s": 200.0}
+
+    rows = [row("workspace", 0, 99.0, typ="baseline"), row("main", 0, 99.69, typ="baseline"),
+            row("505d40f", 2, 99.69, "cruel-stob", "Running"),  # still shows the commit's figures: left out
+            row("f1126f2", 1, 99.70, "tidal-vega", "Success"), row("0a1b2c3", 1, 99.80, "again", "Success"),
+            row("9f8e7d6", 3, 99.75, "broken", "Failed")]
+    runs, repeats = seed_runs(rows, path)
+    assert {s: r["accuracy"] for s, r in runs.items()} == {0: 99.69, 1: 99.70} and repeats == ["again (seed 1)"]
+    assert spread([99.69, 99.70, 99.74]) == "99.71 ± 0.03"
