@@ -58,7 +58,7 @@ def test_repro_trains_evaluates_and_exports_every_model(quick_project):
         for arch in archs:
             live = root / "reports" / dataset / arch / "train"
             assert json.loads((live / "metrics.json").read_text())["step"] == 1
-            assert (live / "plots" / "metrics" / "test" / "accuracy.tsv").read_text().startswith("step\taccuracy\n1\t")
+            assert (live / "plots" / "metrics" / "val" / "accuracy.tsv").read_text().startswith("step\taccuracy\n1\t")
 
 
 def test_dvc_metrics_and_plots(quick_project):
@@ -71,7 +71,7 @@ def test_dvc_metrics_and_plots(quick_project):
         for arch in list_models():
             assert "accuracy" in files[f"reports/{dataset}/{arch}/metrics.json"]["data"]
             assert "onnx" in files[f"reports/{dataset}/{arch}/parity.json"]["data"]
-            assert "accuracy" in files[f"reports/{dataset}/{arch}/train/metrics.json"]["data"]["test"]
+            assert "accuracy" in files[f"reports/{dataset}/{arch}/train/metrics.json"]["data"]["val"]
     plots = dvc("plots", "show", "-o", str(root / "plots"), cwd=root, env=env)
     assert plots.returncode == 0, plots.stderr
     html = (root / "plots" / "index.html").read_text()
@@ -82,7 +82,7 @@ def test_dvc_metrics_and_plots(quick_project):
             assert f"reports/{dataset}/{arch}/report.png" in html
             assert f"reports/{dataset}/{arch}/mistakes.png" in html
     for title in ("MNIST", "Fashion-MNIST"):
-        assert f'"text": "{title} - training and test loss by epoch"' in html
+        assert f'"text": "{title} - training and validation loss by epoch"' in html
 
 
 def test_second_repro_is_a_no_op(quick_project):
