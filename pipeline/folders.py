@@ -1,0 +1,185 @@
+"""Image-folder data sets (the layout of torchvision's ImageFolder), read once into the IDX files the stages use.
+
+    <root>/train/<class>/*.png    <root>/test/<class>/*.png    (optional <root>/val/<class>/...)
+    <root>/<class>/*.png          one folder: the test split is a seeded fraction of it
+
+Class names are the sub-folder names of train (or of the one folder), sorted. Each image is decoded with the
+limits `infer` uses (digitlens.images.decode: formats, pixel count, decompression bombs), converted to grey or
+RGB and resized to size x size, and streamed into `<split>` IDX files: memory stays that of one image, whatever
+the number of files. Bad data is refused with the file named, or, with `skip_bad`, a file that cannot be decoded
+is skipped and counted.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import struct
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from digitlens.errors import ImageError
+from digitlens.files import umask
+from digitlens.images import decode
+from digitlens.limits import read_encoded
+from pipeline.common import PipelineError
+from pipeline.datasets import SPLITS
+
+SPLIT_FOLDERS = ("train", "val", "test")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
+MODES = {1: "L", 3: "RGB"}  # channels -> the Pillow mode images are converted to
+
+
+@dataclass
+class FolderReport:
+    """What the reading found: classes, images per split and class, what was converted, skipped or ignored."""
+
+    classes: list[str]
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> images
+    converted: Counter = field(default_factory=Counter)  # "size" / "mode" -> images brought to the declared form
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) with skip_bad
+    ignored: int = 0  # files that are not images by their suffix
+    sha256: dict[str, str] = field(default_factory=dict)  # written file -> SHA-256 of its content
+
+
+def inside(path: Path, root: Path) -> Path:
+    """`path` resolved, refused when a symlink leads outside `root`."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root):
+        raise PipelineError(f"{path}: a symlink to {resolved}, outside the data set's folder {root}; refused")
+    return resolved
+
+
+def class_folders(folder: Path, root: Path) -> dict[str, Path]:
+    """{class name: folder} of the visible sub-folders of `folder`."""
+    return {p.name: inside(p, root) for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+
+
+def images_in(folder: Path, root: Path, report: FolderReport) -> list[Path]:
+    files = []
+    for p in sorted(folder.rglob("*")):
+        if p.name.startswith(".") or p.is_dir():
+            continue
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            files.append(inside(p, root))
+        else:
+            report.ignored += 1
+    return files
+
+
+def scan(root: str | os.PathLike, test_fraction: float, seed: int) -> tuple[dict[str, list[tuple[Path, int]]],
+                                                                          FolderReport]:
+    """{split: [(file, label)]} of a folder data set, and its report so far; refuses layouts that cannot train."""
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise PipelineError(f"{root}: no such folder")
+    split_dirs = {s: root / s for s in SPLIT_FOLDERS if (root / s).is_dir()}
+    one_folder = "train" not in split_dirs
+    if one_folder and split_dirs:
+        raise PipelineError(f"{root}: has {', '.join(split_dirs)}/ but no train/")
+    if not one_folder and "test" not in split_dirs:
+        raise PipelineError(f"{root}: has train/ but no test/")
+    train_classes = class_folders(root if one_folder else split_dirs["train"], root)
+    report = FolderReport(classes=list(train_classes))
+    if len(train_classes) < 2:
+        raise PipelineError(f"{root}: {len(train_classes)} class folder(s) in {'it' if one_folder else 'train/'}; "
+                            "a classifier needs at least 2")
+    index = {name: i for i, name in enumerate(train_classes)}
+    splits: dict[str, list[tuple[Path, int]]] = {}
+    for split, folder in ({"train": root} if one_folder else split_dirs).items():
+        classes = class_folders(folder, root)
+        unknown = sorted(set(classes) - set(index))
+        if unknown:
+            raise PipelineError(f"{folder}: class folder(s) {', '.join(unknown)} are not in train/; every class "
+                                "must have training images")
+        splits[split] = []
+        for name, class_dir in classes.items():
+            files = images_in(class_dir, root, report)
+            if split == "train" and not files:
+                raise PipelineError(f"{class_dir}: no images (.png, .jpg, ...) in this class folder")
+            splits[split] += [(f, index[name]) for f in files]
+    if one_folder:
+        items = splits.pop("train")
+        order = np.random.default_rng(seed).permutation(len(items))
+        n_test = round(len(items) * test_fraction)
+        held = set(order[:n_test].tolist())
+        splits = {"train": [it for i, it in enumerate(items) if i not in held],
+                  "test": [it for i, it in enumerate(items) if i in held]}
+    for split, items in splits.items():
+        report.counts[split] = dict(Counter(report.classes[label] for _, label in items))
+    return splits, report
+
+
+def load_image(path: Path, size: int, channels: int, report: FolderReport) -> np.ndarray:
+    """(size, size) or (size, size, 3) uint8 of one file; ImageError when it cannot be decoded."""
+    img = decode(read_encoded(path))
+    mode = MODES[channels]
+    if img.mode != mode:
+        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+            img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+        img = img.convert(mode)
+        report.converted["mode"] += 1
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.LANCZOS)
+        report.converted["size"] += 1
+    return np.asarray(img, np.uint8)
+
+
+def idx_header(count: int, shape: tuple[int, ...]) -> bytes:
+    return struct.pack(">BBBB", 0, 0, 0x08, 1 + len(shape)) + struct.pack(f">{1 + len(shape)}I", count, *shape)
+
+
+def write_split(items: list[tuple[Path, int]], prefix: Path, size: int, channels: int, skip_bad: bool,
+                report: FolderReport) -> None:
+    """Stream one split into `<prefix>-images-idx3-ubyte` and `<prefix>-labels-idx1-ubyte`; the headers' count is
+    rewritten at the end (skipped files left no bytes)."""
+    shape = (size, size) if channels == 1 else (size, size, channels)
+    images, labels = Path(f"{prefix}-images-idx3-ubyte"), Path(f"{prefix}-labels-idx1-ubyte")
+    written = 0
+    with open(images, "wb") as xi, open(labels, "wb") as yi:
+        xi.write(idx_header(len(items), shape))
+        yi.write(idx_header(len(items), ()))
+        for path, label in items:
+            try:
+                xi.write(load_image(path, size, channels, report).tobytes())
+            except ImageError as e:
+                if not skip_bad:
+                    raise PipelineError(f"{path}: {e} (remove it, or set skip_bad to skip such files)") from None
+                report.skipped.append((str(path), str(e)))
+                continue
+            yi.write(bytes([label]))
+            written += 1
+        for f, dims in ((xi, shape), (yi, ())):
+            f.seek(0)
+            f.write(idx_header(written, dims))
+    for path in (images, labels):
+        with open(path, "rb") as f:  # read back in chunks: the split may not fit in memory
+            report.sha256[path.name] = hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_folder(root: str | os.PathLike, out_dir: str | os.PathLike, *, size: int, channels: int,
+                test_fraction: float = 0.2, seed: int = 0, skip_bad: bool = False) -> FolderReport:
+    """Read the folder data set at `root` into IDX files in `out_dir` (which appears whole or not at all)."""
+    if channels not in MODES:
+        raise PipelineError(f"channels must be 1 (grey) or 3 (colour), not {channels}")
+    splits, report = scan(root, test_fraction, seed)
+    if len(report.classes) > 256:
+        raise PipelineError(f"{root}: {len(report.classes)} classes; IDX labels hold at most 256")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        staging.chmod(0o777 & ~umask())
+        for split, items in splits.items():
+            write_split(items, staging / SPLITS.get(split, split), size, channels, skip_bad, report)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
