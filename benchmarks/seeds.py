@@ -6,8 +6,9 @@ from the DVC experiments of the current commit (a queued sweep over `seed`, docs
     python -m benchmarks.seeds                                    # the tuned models: seed 0 is the commit's
     python -m benchmarks.seeds --model cnn --model fashion-cnn    # any models of dvc.yaml's table
 
-Each seed is counted once (an experiment repeating a seed already seen is left out, and said so). The committed
-model is the default seed's; the spread says how much of a difference between recipes is only the seed.
+Each seed is counted once (an experiment repeating a seed already seen is left out, and said so); experiments that
+changed other params, or did not evaluate the model, are not counted. The committed model is the default seed's;
+the spread says how much of a difference between recipes is only the seed.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import click
 import yaml
 
 METRIC_KEYS = ("accuracy", "train_time_s")
+ROW_FACTS = {"Experiment", "rev", "typ", "Created", "parent", "State", "Executor"}  # dvc.api.exp_show's own columns
 
 
 def model_table() -> dict[str, dict]:
@@ -30,17 +32,26 @@ def column(row: dict, path: str, key: str):
     return row.get(f"{path}:{key}")
 
 
+def params_of(row: dict) -> dict:
+    """The params columns of a dvc.api.exp_show row (metrics are `path:key`, dependencies paths)."""
+    return {k: v for k, v in row.items() if ":" not in k and "/" not in k and k not in ROW_FACTS}
+
+
 def seed_runs(rows: list[dict], path: str) -> tuple[dict[int, dict], list[str]]:
-    """{seed: {accuracy, train_time_s, experiment}} from dvc.api.exp_show rows: the commit's own row and its finished
-    experiments (a queued or running one still shows the commit's figures), the first row of each seed; and the
-    names of the finished experiments left out as repeats of a seed."""
+    """{seed: {accuracy, train_time_s, experiment}} from dvc.api.exp_show rows: the commit's own row and those of
+    its finished experiments whose params differ from the commit's in `seed` alone and whose metrics were written
+    by a model of that seed (an experiment that did not run this model's evaluation shows the commit's figures),
+    the first row of each seed; and the names of the finished experiments left out as repeats of a seed."""
     runs, repeats = {}, []
+    commit = next((params_of(r) for r in rows if r.get("typ") == "baseline" and r.get("rev") != "workspace"), {})
     for row in rows:
         if row.get("rev") == "workspace" or row.get("State") not in (None, "Success"):
             continue
+        if {k: v for k, v in params_of(row).items() if k != "seed"} != {k: v for k, v in commit.items() if k != "seed"}:
+            continue
         values = {k: column(row, path, k) for k in METRIC_KEYS}
         seed = row.get("seed")  # DVC gives numbers as floats
-        if not isinstance(seed, (int, float)) or seed != int(seed) or \
+        if not isinstance(seed, (int, float)) or seed != int(seed) or column(row, path, "seed") != seed or \
                 not all(isinstance(v, (int, float)) for v in values.values()):
             continue
         name = row.get("Experiment") or row.get("rev")

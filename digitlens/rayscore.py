@@ -20,11 +20,10 @@ import click
 from digitlens.classifier import BATCH_SIZE, Classifier
 from digitlens.errors import ModelError
 from digitlens.files import atomic_path
-from digitlens.infer import STDIN, expand
+from digitlens.infer import FAILED, STDIN, expand
 from digitlens.text import DISTRIBUTION, BadUsage, first_line, one_line, shown
 
 OUT_FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
-FAILED = 1  # some files could not be classified (each has its record with "error"), as infer
 ACTOR_THREADS = 1  # onnxruntime threads per actor: Ray gives each actor one CPU
 
 
@@ -36,18 +35,13 @@ class Scorer:
         self.top_k, self.raw = top_k, raw
 
     def __call__(self, batch: dict) -> dict:
-        files = [str(f) for f in batch["file"]]
-        results = list(self.clf.classify(files, self.top_k, self.raw, batch_size=max(len(files), 1), names=files))
+        """file (the name as given), path (where this worker reads it) -> infer's record, as JSON and as columns."""
+        paths, names = [str(f) for f in batch["path"]], [str(f) for f in batch["file"]]
+        results = list(self.clf.classify(paths, self.top_k, self.raw, batch_size=max(len(paths), 1), names=names))
         return {"file": [shown(r.source) for r in results],
                 "predictions": [[p.to_dict() for p in r.predictions] if r.ok else None for r in results],
-                "error": [r.error for r in results]}
-
-
-def record(row: dict) -> dict:
-    """A result row -> infer's JSON record: {"file", "predictions"} or {"file", "error"}."""
-    if row["error"] is not None:
-        return {"file": row["file"], "error": row["error"]}
-    return {"file": row["file"], "predictions": [dict(p) for p in row["predictions"]]}
+                "error": [r.error for r in results],
+                "record": [json.dumps(r.to_dict()) for r in results]}
 
 
 def score(files: list[str] | None, model: str, *, files_from: str | None = None, top_k: int = 1, raw: bool = False,
@@ -57,17 +51,27 @@ def score(files: list[str] | None, model: str, *, files_from: str | None = None,
     `actors` Scorer actors (default: one per CPU Ray has), as they finish."""
     import ray
 
+    base = os.getcwd()  # relative names are relative to where the command runs, as infer's
     if files_from is not None:
         # no CPU for reading names: the actors hold one each, and a read waiting for a CPU would wait forever
-        base = os.getcwd()  # relative names are relative to where the command runs, as infer's
         ds = ray.data.read_text(str(Path(files_from).resolve()), drop_empty_lines=True, ray_remote_args={"num_cpus": 0})
-        ds = ds.map(lambda r: {"file": os.path.join(base, r["text"])}, num_cpus=0)
+        ds = ds.map(lambda r: {"file": r["text"].rstrip("\r"), "path": os.path.join(base, r["text"].rstrip("\r"))},
+                    num_cpus=0)
     else:
-        ds = ray.data.from_items([{"file": f} for f in files])
+        ds = ray.data.from_items([{"file": f, "path": os.path.join(base, f)} for f in files])
     actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
     scored = ds.map_batches(Scorer, fn_constructor_kwargs={"model": model, "top_k": top_k, "raw": raw},
                             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)
     yield from scored.iter_batches(batch_format="pyarrow", batch_size=None)
+
+
+def lists_a_file(listing: str) -> bool:
+    """Whether the list names at least one file (read up to its first non-blank line only)."""
+    try:
+        with open(listing, "rb") as f:
+            return any(line.strip() for line in f)
+    except OSError as e:
+        raise BadUsage(f"{listing}: cannot read it ({e.strerror or e})") from None
 
 
 def result_schema():
@@ -93,7 +97,7 @@ def write(batches: Iterator, out: Path, fmt: str) -> tuple[int, int]:
             count += table.num_rows
             failed += table.num_rows - table.column("error").null_count
             if fmt == "jsonl":
-                text.writelines(json.dumps(record(row)) + "\n" for row in table.to_pylist())
+                text.writelines(line + "\n" for line in table.column("record").to_pylist())
             else:  # a batch of failures only has null-typed predictions: cast to the one schema
                 parquet.write_table(table.select(schema.names).cast(schema))
     return count, failed
@@ -144,7 +148,10 @@ def main(images, model_path, out, files_from, address, actors, batch_size, top_k
         files, problems = expand(images)
         if problems:
             raise BadUsage("; ".join(f"{arg}: {problem}" for arg, problem in problems))
-        files = [os.path.abspath(f) for f in files]  # the actors' working folder is not this one
+    elif not os.path.isfile(files_from):
+        raise BadUsage(f"{files_from}: no such file")
+    elif not lists_a_file(files_from):
+        raise BadUsage(f"{files_from}: lists no files")
     try:
         ray.init(address=address, logging_level="WARNING", log_to_driver=False, include_dashboard=False)
     except Exception as e:  # noqa: BLE001 - Ray's own errors for an unreachable or refused cluster
@@ -156,6 +163,11 @@ def main(images, model_path, out, files_from, address, actors, batch_size, top_k
     try:
         count, failed = write(score(files, str(model_path.resolve()), files_from=files_from, top_k=top_k, raw=raw,
                                     batch_size=batch_size, actors=actors), out, fmt)
+    except OSError as e:
+        raise click.ClickException(f"cannot write {out} ({e.strerror or e}); nothing written") from None
+    except Exception as e:  # noqa: BLE001 - Ray's errors from its workers (a lost node, a worker that died)
+        raise click.ClickException(one_line(f"scoring failed on Ray ({type(e).__name__}: {first_line(e)}); "
+                                            "nothing written")) from None
     finally:
         ray.shutdown()
     click.echo(one_line(f"{count} files scored, {failed} could not be classified: {out}"), err=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +17,14 @@ from digitlens.files import atomic_path
 
 class PipelineError(Exception):
     """An expected failure (bad params, bad data, bad file) reported as one line, no traceback."""
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT, raised where the stage is, so that its clean-ups run (no `except Exception` takes it)."""
+
+
+def raise_stopped(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -36,14 +46,23 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def stage_command(fn: Callable) -> Callable:
-    """Turn PipelineError into click's one-line 'Error: ...' and exit status 1."""
+    """Turn PipelineError into click's one-line 'Error: ...' and exit status 1; SIGTERM and SIGINT into Stopped,
+    raised where the stage is (its clean-ups run), then 'Error: stopped by SIGTERM; nothing written' and the
+    shell's status for the signal (128 + its number)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        previous = {signum: signal.signal(signum, raise_stopped) for signum in (signal.SIGTERM, signal.SIGINT)}
         try:
             return fn(*args, **kwargs)
         except PipelineError as e:
             raise click.ClickException(str(e)) from None
+        except Stopped as e:
+            click.echo(f"Error: stopped by {e}; nothing written", err=True)
+            sys.exit(128 + signal.Signals[str(e)])
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     return wrapper
 

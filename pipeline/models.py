@@ -172,8 +172,8 @@ def inference_model(model: nn.Module, test_flip: bool) -> nn.Module:
 
 @dataclass(frozen=True)
 class RunFacts:
-    """How long and where a model trained: its epochs, parameter count, device, precision, CPU threads and torch
-    version (the train stage writes them to run.json)."""
+    """How long and where a model trained: its epochs, parameter count, device, precision, CPU threads, torch
+    version and processes (torchrun's; the train stage writes them to run.json)."""
 
     train_time_s: float
     epochs: int
@@ -182,6 +182,7 @@ class RunFacts:
     precision: str
     threads: int | None
     torch_version: str
+    processes: int = 1
 
 
 @dataclass(frozen=True)

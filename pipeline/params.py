@@ -135,7 +135,7 @@ class DatasetParams(Strict):
 
 class DataParams(Strict):
     # the share of the training images held out, with a fixed seed, for per-epoch curves and recipe choices
-    val_fraction: float = Field(0.1, gt=0, le=0.5)
+    val_fraction: float = Field(0.1, ge=0.01, le=0.5)  # 600 images at least
     train_limit: int | None = Field(None, gt=0)  # quick runs: train on the first N of the rest only
 
 

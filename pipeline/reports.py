@@ -26,7 +26,8 @@ MAX_ACCURACY_GAP = 0.0101
 def evaluate(clf: Classifier, images: np.ndarray, labels: np.ndarray, run: dict) -> tuple[dict, dict, np.ndarray]:
     """(metrics, per-class figures with the confusion matrix, class probabilities (N, C)) of an exported model on
     a labelled split (uint8 images as the data stage stores them), scored through the torch-free core that `infer`
-    uses; `run` is what the train stage wrote (epochs, parameters, training time). The metrics are numbers only,
+    uses; `run` is what the train stage wrote (epochs, parameters, training time); the seed comes from the model's
+    metadata. The metrics are numbers only,
     so that `dvc metrics diff` and `dvc exp show` can compare them."""
     x = images.astype(np.float32) / 255.0
     probs = np.concatenate([clf.probabilities(x[i:i + BATCH_SIZE]) for i in range(0, len(x), BATCH_SIZE)])
@@ -43,6 +44,7 @@ def evaluate(clf: Classifier, images: np.ndarray, labels: np.ndarray, run: dict)
         "params": run["parameters"],
         "train_time_s": round(run["train_time_s"], 1),
         "epochs": run["epochs"],
+        "seed": clf.info.params.get("seed", -1),  # which training this is: benchmarks/seeds.py tells stale figures
     }
     per_class = {"classes": classes, "accuracy": class_accuracy(cm, classes), "confusion_matrix": cm.tolist()}
     return metrics, per_class, probs

@@ -13,9 +13,11 @@ from torch import nn
 from tqdm import tqdm
 
 from digitlens.metadata import ModelInfo
+from digitlens.text import first_line
 from pipeline.augment import Augmentation
 from pipeline.common import PipelineError
 from pipeline.datasets import dataset_info, load_split, split_validation
+from pipeline.distributed import ONE_PROCESS, Ranks, join, ranks, total
 from pipeline.models import Checkpoint, RunFacts, create_model, inference_model
 from pipeline.params import PARAMS_FILE, OneCycle, Params, Recipe
 from pipeline.tensors import amp_dtype, device_name, full_fp32, pick_device, precision_label, predict_logits, score, to_inputs
@@ -94,12 +96,16 @@ def train_epoch(model, optimizer, x, y, batches, augment: Augmentation | None = 
 
 def fit(model, recipe: Recipe, train_x, train_y, val_x, val_y, *, seed: int, eval_batch_size: int,
         amp: torch.dtype | None = None, augment: Augmentation = NO_AUGMENTATION, test_flip: bool = False, log=print,
-        on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+        on_epoch: Callable[[dict], None] | None = None, at: Ranks = ONE_PROCESS) -> list[dict]:
     """Train `model` in place with `recipe` and `augment` (what the data set allows of the recipe's
     augmentation), scoring the validation images after each epoch as the model will classify (with `test_flip`);
-    returns the per-epoch history, each row also
-    given to `on_epoch` as soon as it is known."""
+    returns the per-epoch history, each row also given to `on_epoch` as soon as it is known. Under torchrun (`at`:
+    this process's rank of `at.world`), every rank draws the same permutation and augmentation and trains on its
+    share of each batch (DistributedDataParallel averages the gradients); rank 0 alone scores, logs and calls
+    `on_epoch` (the other ranks return an empty history)."""
     generator = torch.Generator().manual_seed(seed)
+    net = model if at.world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[train_x.device.index] if train_x.device.type == "cuda" else None)
     optimizer = make_optimizer(model, recipe)
     plateau = per_batch = None
     if isinstance(recipe.scheduler, OneCycle):
@@ -115,15 +121,23 @@ def fit(model, recipe: Recipe, train_x, train_y, val_x, val_y, *, seed: int, eva
         start = time.perf_counter()
         batches = epoch_batches(len(train_x), recipe.batch_size, recipe.drop_last, generator, train_x.device)
         draws = augment.draw(len(train_x), generator, train_x.device)
+        if at.world > 1:
+            batches = [b[at.rank::at.world] for b in batches]  # this rank's share of every global batch
         lr = optimizer.param_groups[0]["lr"]
         with tqdm(total=len(batches), desc=f"epoch {epoch}/{recipe.epochs}", unit="batch",
-                  leave=False, disable=not sys.stderr.isatty()) as progress:
-            train_loss, last_loss = train_epoch(model, optimizer, train_x, train_y, batches, augment, draws, progress,
+                  leave=False, disable=not sys.stderr.isatty() or not at.main) as progress:
+            train_loss, last_loss = train_epoch(net, optimizer, train_x, train_y, batches, augment, draws, progress,
                                                 amp, recipe.label_smoothing, per_batch)
+        if at.world > 1:  # every rank: the same mean loss, the same decisions
+            images = sum(len(b) for b in batches)
+            loss_sum, images, last_sum = total(train_loss * images, images, last_loss, at=at, device=train_x.device)
+            train_loss, last_loss = loss_sum / images, last_sum / at.world
         if not math.isfinite(train_loss):  # one check an epoch: a per-batch one would wait for the device each step
             raise Diverged(f"epoch {epoch}: the training loss is {train_loss}")
         if plateau is not None:
             plateau.step(last_loss)  # as tutorial 001: on the epoch's last batch loss
+        if not at.main:
+            continue
         val_loss, val_acc = score(predict_logits(classifier, val_x, eval_batch_size), val_y)
         seconds = time.perf_counter() - start
         row = {"epoch": epoch, **dict(zip(EPOCH_METRICS, (train_loss, val_loss, val_acc, lr, seconds)))}
@@ -140,9 +154,14 @@ def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=pri
           monitor: int | None = None) -> Checkpoint:
     """Train one model on the training images less the validation split; returns its checkpoint. `on_epoch` gets
     each epoch's history row as it ends. `monitor`: score only the first N validation images after each epoch
-    (tests; the stage scores them all)."""
+    (tests; the stage scores them all). Under torchrun, one of its processes (pipeline/distributed.py): only rank
+    0's checkpoint has the history, and only rank 0 logs."""
     recipe = params.recipe(arch)
-    device = pick_device(params.device, params_file)
+    at = ranks()
+    device = join(pick_device(params.device, params_file), at)
+    if not at.main:
+        log = on_epoch = None
+    log = log or (lambda msg: None)
     torch.manual_seed(params.seed)
     mean, std = params.normalization(dataset, arch)
     (train_images, train_labels), val = split_validation(*load_split(data_dir, "train"), params.data.val_fraction)
@@ -153,6 +172,8 @@ def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=pri
     train_y, val_y = (torch.from_numpy(a).to(device) for a in (train_labels, val_labels))
     classes = dataset_info(dataset).classes
     model = create_model(arch, num_classes=len(classes), **recipe.model_args).to(device)
+    if at.world > 1 and device.type == "cuda":  # batch statistics over the global batch (on the CPU: each share's)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if params.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
         train_x, val_x = (t.contiguous(memory_format=torch.channels_last) for t in (train_x, val_x))
@@ -162,16 +183,21 @@ def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=pri
     precision = precision_label(amp)
     threads = torch.get_num_threads() if device.type == "cpu" else None
     log(f"training {arch} on {dataset} ({len(train_x)} images, {len(val_x)} for validation) on {device} ({precision}"
-        f"{f', {threads} threads' if threads else ''}): {recipe.optimizer} lr {recipe.lr} batch {recipe.batch_size} "
-        f"epochs {recipe.epochs}")
+        f"{f', {threads} threads' if threads else ''}{f', {at.world} processes' if at.world > 1 else ''}): "
+        f"{recipe.optimizer} lr {recipe.lr} batch {recipe.batch_size} epochs {recipe.epochs}")
     start = time.perf_counter()
     try:
         history = fit(model, recipe, train_x, train_y, val_x, val_y, seed=params.seed,
                       eval_batch_size=params.eval_batch(device.type), amp=amp, augment=augmentation(params, dataset, arch),
-                      test_flip=params.test_flip(dataset, arch), log=log, on_epoch=on_epoch)
+                      test_flip=params.test_flip(dataset, arch), log=log, on_epoch=on_epoch, at=at)
     except Diverged as e:
         raise PipelineError(f"{arch} on {dataset} diverged, {e}: lower recipes.{arch}.lr ({recipe.lr:g}), or check "
                             f"datasets.{dataset}.mean/std ({mean:g}/{std:g}); nothing written") from None
+    except RuntimeError as e:  # a collective that lost, or waited in vain for, another process
+        if at.world == 1:
+            raise
+        raise PipelineError(f"process {at.rank} of {at.world}: another process failed or stopped "
+                            f"({first_line(e)}); nothing written") from None
     train_time = time.perf_counter() - start
     info = ModelInfo(dataset=dataset, architecture=arch, class_names=list(classes), mean=mean, std=std,
                      preprocess=params.datasets[dataset].preprocess, model_args=dict(recipe.model_args),
@@ -182,4 +208,4 @@ def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=pri
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     parameters = sum(p.numel() for p in model.parameters())
     return Checkpoint(info, state, history, RunFacts(train_time, len(history), parameters, device_name(device), precision,
-                                                     threads, str(torch.__version__)))
+                                                     threads, str(torch.__version__), at.world))

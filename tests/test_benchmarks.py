@@ -99,14 +99,17 @@ def test_seeds_counts_each_finished_seed_once():
 
     path = "reports/mnist/tuned_cnn/metrics.json"
 
-    def row(rev, seed, acc, experiment=None, state=None, typ="branch_commit"):  # as dvc.api.exp_show gives them
-        return {"Experiment": experiment, "rev": rev, "typ": typ, "State": state, "seed": float(seed),
-                f"{path}:accuracy": acc, f"{path}:train_time_s": 200.0}
+    def row(rev, seed, acc, experiment=None, state=None, typ="branch_commit", scored=None, lr=0.1):
+        return {"Experiment": experiment, "rev": rev, "typ": typ, "State": state, "seed": float(seed),  # as
+                "recipes.tuned_cnn.lr": lr, "pipeline/training.py": "3f2a", f"{path}:accuracy": acc,  # dvc.api.exp_show
+                f"{path}:train_time_s": 200.0, f"{path}:seed": float(seed if scored is None else scored)}  # gives them
 
     rows = [row("workspace", 0, 99.0, typ="baseline"), row("main", 0, 99.69, typ="baseline"),
-            row("505d40f", 2, 99.69, "cruel-stob", "Running"),  # still shows the commit's figures: left out
+            row("505d40f", 2, 99.69, "cruel-stob", "Running", scored=0),  # shows the commit's figures: left out
             row("f1126f2", 1, 99.70, "tidal-vega", "Success"), row("0a1b2c3", 1, 99.80, "again", "Success"),
-            row("9f8e7d6", 3, 99.75, "broken", "Failed")]
+            row("9f8e7d6", 3, 99.75, "broken", "Failed"),
+            row("1b2c3d4", 4, 99.69, "train-only", "Success", scored=0),  # did not evaluate this model
+            row("2c3d4e5", 5, 99.90, "other-lr", "Success", lr=0.2)]  # another recipe, not another seed
     runs, repeats = seed_runs(rows, path)
     assert {s: r["accuracy"] for s, r in runs.items()} == {0: 99.69, 1: 99.70} and repeats == ["again (seed 1)"]
     assert spread([99.69, 99.70, 99.74]) == "99.71 ± 0.03"

@@ -62,12 +62,12 @@ def chain(data_root, tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setattr(train_stage, "train", watched)
     data = data_root / "fashion-mnist"
     invoke(train_stage, {"--dataset": "fashion-mnist", "--arch": "simple_cnn", "--data": data, "--out": paths["m.pt"],
-                         "--live": paths["train"], "--run": paths["run.json"], "--params": folder / "params.yaml"})
+                         "--live": paths["train"], "--run-json": paths["run.json"], "--params": folder / "params.yaml"})
     invoke(export_stage, {"--model": paths["m.pt"], "--data": data, "--onnx": paths["a.onnx"],
                           "--torchscript": paths["a.pt"], "--parity": paths["parity.json"],
                           "--params": folder / "params.yaml"})
     evaluate_args = {"--onnx": paths["a.onnx"], "--torchscript": paths["a.pt"], "--data": data, "--live": paths["train"],
-                     "--run": paths["run.json"], "--parity": paths["parity.json"], "--metrics": paths["metrics.json"],
+                     "--run-json": paths["run.json"], "--parity": paths["parity.json"], "--metrics": paths["metrics.json"],
                      "--classes": paths["classes.json"], "--predictions": paths["predictions.csv"],
                      "--plot": paths["report.png"], "--mistakes": paths["mistakes.png"], "--card": paths["a.md"]}
     invoke(evaluate_stage, evaluate_args)
@@ -95,7 +95,7 @@ def test_training_metrics_can_be_read_before_it_ends(chain):
 def test_metrics_are_the_exported_models_and_run_facts_are_apart(chain, data_root):
     paths, _, _ = chain
     metrics = json.loads(paths["metrics.json"].read_text())
-    assert set(metrics) == {"accuracy", "loss", "params", "train_time_s", "epochs"}
+    assert set(metrics) == {"accuracy", "loss", "params", "train_time_s", "epochs", "seed"} and metrics["seed"] == 0
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
     # scored here by the checkpoint's own forward pass on the whole split at once, not through evaluate's code
     model, ckpt = load_checkpoint(paths["m.pt"])

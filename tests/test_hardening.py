@@ -582,7 +582,7 @@ BAD_PARAMS = {  # id -> (params.yaml's text, what the one line says after 'Error
 
 def train_args(folder, params_file) -> list[str]:
     return ["--dataset", "mnist", "--arch", "cnn", "--data", str(folder), "--out", str(folder / "m.pt"),
-            "--live", str(folder / "live"), "--run", str(folder / "run.json"), "--params", str(params_file)]
+            "--live", str(folder / "live"), "--run-json", str(folder / "run.json"), "--params", str(params_file)]
 
 
 @pytest.mark.parametrize("case", list(BAD_PARAMS))

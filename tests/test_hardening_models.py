@@ -61,7 +61,8 @@ def test_diverging_training_stops_in_one_line_and_writes_nothing(tmp_path, data_
     params.write_text(yaml.safe_dump(quick(RAW, lr=90.0)))
     out, live, run = tmp_path / "out" / "m.pt", tmp_path / "out" / "live", tmp_path / "out" / "run.json"
     r = CliRunner().invoke(train_stage.main, ["--dataset", "mnist", "--arch", "mlp", "--data", str(data_root / "mnist"),
-                                              "--out", str(out), "--live", str(live), "--run", str(run), "--params", str(params)])
+                                              "--out", str(out), "--live", str(live), "--run-json", str(run),
+                                              "--params", str(params)])
     assert r.exit_code == 1
     one_line_error(r.stderr, "mlp on mnist diverged, epoch 1: the training loss is nan", "lower recipes.mlp.lr (90)")
     assert not out.parent.exists() or not any(out.parent.iterdir())

@@ -66,7 +66,7 @@ def test_epochs_override_replaces_every_recipe():
     ("device", "tpu", False, "device: Input should be 'auto', 'cpu' or 'cuda' (got 'tpu')"),
     ("train.amp", "fp16", False, "train.amp: Input should be 'auto', 'bf16' or 'off' (got 'fp16')"),
     ("data.train_limit", 0, False, "data.train_limit: Input should be greater than 0 (got 0)"),
-    ("data.val_fraction", 0, False, "data.val_fraction: Input should be greater than 0 (got 0)"),
+    ("data.val_fraction", 0.00001, False, "data.val_fraction: Input should be greater than or equal to 0.01"),
     ("data.val_fraction", 0.9, False, "data.val_fraction: Input should be less than or equal to 0.5 (got 0.9)"),
     ("recipes.mlp.model_args", {"dropuot": 0.1}, False, "unknown argument 'dropuot'; allowed: dropout"),
     ("recipes.mlp.model_args", {"dropout": 1.5}, False, "mlp.model_args: dropout must be a number in [0, 1) (got 1.5)"),

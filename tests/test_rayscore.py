@@ -13,6 +13,7 @@ from pipeline.datasets import load_split
 from tests.conftest import BAD_FILES
 
 pytestmark = pytest.mark.slow  # each run starts a Ray instance (several seconds)
+pytest.importorskip("ray")  # the [ray] extra
 pq = pytest.importorskip("pyarrow.parquet")
 
 INFER_RAY = os.path.join(os.path.dirname(sys.executable), "infer-ray")
@@ -52,19 +53,18 @@ def test_the_same_records_as_infer_and_bad_files_each_with_its_error(images, mod
     assert result.returncode == 1, result.stderr  # some files could not be classified
     assert f"{150 + len(BAD_FILES)} files scored, {len(BAD_FILES)} could not be classified" in result.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    by_file = {os.path.basename(r["file"]): r for r in records}
-    assert len(records) == len(by_file) == 150 + len(BAD_FILES)
-    expected = {os.path.basename(f): r for f, r in infer_records(images, "--model", model, "--top-k", 3).items()}
-    good = {name: r for name, r in by_file.items() if "predictions" in r}
-    assert {name: r["predictions"] for name, r in good.items()} == {n: r["predictions"] for n, r in expected.items()}
+    assert [r["file"] for r in records] == sorted(str(p) for p in images.iterdir())  # the names as infer gives them,
+    expected = infer_records(images, "--model", model, "--top-k", 3)                 # in the order of the files
+    assert [r for r in records if "predictions" in r] == list(expected.values())
+    by_name = {os.path.basename(r["file"]): r for r in records}
     for name, (_, reason) in BAD_FILES.items():
-        assert set(by_file[name]) == {"file", "error"} and reason in by_file[name]["error"], by_file[name]
+        assert set(by_name[name]) == {"file", "error"} and reason in by_name[name]["error"], by_name[name]
 
 
 def test_parquet_from_a_list_of_files(images, model, tmp_path):
     files = sorted(str(p) for p in images.glob("digit-*.png"))[:40]
     listing = tmp_path / "list.txt"
-    listing.write_text("\n".join([*files, str(images / "missing.png"), ""]) + "\n")
+    listing.write_text("\r\n".join([*files, str(images / "missing.png"), ""]) + "\r\n")  # Windows line ends too
     out = tmp_path / "results.parquet"
     result = infer_ray("--files-from", listing, "--model", model, "--out", out, "--actors", 2)
     assert result.returncode == 1, result.stderr
@@ -83,16 +83,21 @@ def test_parquet_from_a_list_of_files(images, model, tmp_path):
     (["--out", "r.jsonl"], "either image paths or --files-from"),
     (["-", "--out", "r.jsonl"], "is not read by infer-ray"),
     (["nowhere/", "--out", "r.jsonl"], "nowhere/: no such file or directory"),
+    (["--out", "r.jsonl", "--files-from", "absent.txt"], "absent.txt: no such file"),
+    (["--out", "r.jsonl", "--files-from", "EMPTY"], "lists no files"),
 ])
 def test_usage_errors_are_one_line_and_write_nothing(images, model, tmp_path, args, message):
     args = [str(images) if a == "IMAGES" else a for a in args]
+    if "EMPTY" in args:
+        (tmp_path.parent / "empty.txt").write_text("\n\n")
+        args[args.index("EMPTY")] = str(tmp_path.parent / "empty.txt")
     result = subprocess.run([INFER_RAY, *args, "--model", str(model)], capture_output=True, text=True, cwd=tmp_path,
                             timeout=120)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
-def test_a_bad_model_is_refused_before_ray_starts(images, tmp_path):
+def test_a_bad_model_is_refused_in_one_line_and_nothing_written(images, tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"not a model")
     result = subprocess.run([INFER_RAY, str(images), "--model", str(tmp_path / "bad.onnx"), "--out",
                              str(tmp_path / "r.jsonl")], capture_output=True, text=True, timeout=120)

@@ -181,7 +181,7 @@ def test_bad_params_stop_the_stage_before_work(tmp_path, data_root):
     out = tmp_path / "model.pt"
     result = CliRunner().invoke(train_stage.main, ["--dataset", "mnist", "--arch", "cnn", "--data", str(data_root / "mnist"),
                                           "--out", str(out), "--live", str(tmp_path / "live"),
-                                          "--run", str(tmp_path / "run.json"), "--params", str(tmp_path / "params.yaml")])
+                                          "--run-json", str(tmp_path / "run.json"), "--params", str(tmp_path / "params.yaml")])
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: {tmp_path / 'params.yaml'}: data: Field required")
     assert "Traceback" not in result.output and not out.exists()

@@ -23,7 +23,7 @@ from pipeline.reports import evaluate, plot_mistakes, plot_report, predictions_c
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--live", "live_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="The train stage's DVCLive folder (per-epoch curves).")
-@click.option("--run", "run_path", required=True, type=click.Path(exists=True, dir_okay=False),
+@click.option("--run-json", "run_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="The train stage's run.json (epochs, parameters, training time).")
 @click.option("--parity", "parity_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="The export stage's parity.json (for the card).")
