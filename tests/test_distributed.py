@@ -96,3 +96,24 @@ def test_a_killed_process_ends_the_run_with_an_error_and_nothing_written(quick, 
             proc.kill()
     assert proc.returncode != 0, stderr[-2000:]
     assert not out.exists() or sorted(p.name for p in out.iterdir()) == [], sorted(out.iterdir())
+
+
+def test_a_stopped_training_writes_nothing(quick, data_root, tmp_path):
+    """SIGTERM (what torchrun, DVC or a user's kill sends) ends one process's training with one line, status 143,
+    and no checkpoint, run facts or DVCLive folder."""
+    raw = yaml.safe_load(quick.read_text())
+    raw["train"]["epochs"] = 40
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    proc = subprocess.Popen(train_cmd("cnn", out, params, data_root / "mnist"), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "live" / "metrics.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and stderr.strip().splitlines()[-1] == (
+        "Error: stopped by SIGTERM; nothing written"), stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == []
