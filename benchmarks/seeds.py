@@ -33,8 +33,9 @@ def column(row: dict, path: str, key: str):
 
 
 def params_of(row: dict) -> dict:
-    """The params columns of a dvc.api.exp_show row (metrics are `path:key`, dependencies paths)."""
-    return {k: v for k, v in row.items() if ":" not in k and "/" not in k and k not in ROW_FACTS}
+    """The params of a dvc.api.exp_show row: its columns without a folder in their name (metrics are
+    `reports/...:key`, dependencies paths); DVC writes `params.yaml:seed` where a metrics file has a `seed` too."""
+    return {k.removeprefix("params.yaml:"): v for k, v in row.items() if "/" not in k and k not in ROW_FACTS}
 
 
 def seed_runs(rows: list[dict], path: str) -> tuple[dict[int, dict], list[str]]:
@@ -50,7 +51,7 @@ def seed_runs(rows: list[dict], path: str) -> tuple[dict[int, dict], list[str]]:
         if {k: v for k, v in params_of(row).items() if k != "seed"} != {k: v for k, v in commit.items() if k != "seed"}:
             continue
         values = {k: column(row, path, k) for k in METRIC_KEYS}
-        seed = row.get("seed")  # DVC gives numbers as floats
+        seed = params_of(row).get("seed")  # DVC gives numbers as floats
         if not isinstance(seed, (int, float)) or seed != int(seed) or column(row, path, "seed") != seed or \
                 not all(isinstance(v, (int, float)) for v in values.values()):
             continue

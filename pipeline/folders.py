@@ -149,7 +149,7 @@ def write_split(items: list[tuple[Path, int]], prefix: Path, size: int, channels
                 xi.write(load_image(path, size, channels, report).tobytes())
             except ImageError as e:
                 if not skip_bad:
-                    raise PipelineError(f"{path}: {e} (remove it, or set skip_bad to skip such files)") from None
+                    raise PipelineError(f"{path}: {e} (remove it, or skip such files with skip_bad)") from None
                 report.skipped.append((str(path), str(e)))
                 continue
             yi.write(bytes([label]))

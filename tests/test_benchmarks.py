@@ -100,7 +100,7 @@ def test_seeds_counts_each_finished_seed_once():
     path = "reports/mnist/tuned_cnn/metrics.json"
 
     def row(rev, seed, acc, experiment=None, state=None, typ="branch_commit", scored=None, lr=0.1):
-        return {"Experiment": experiment, "rev": rev, "typ": typ, "State": state, "seed": float(seed),  # as
+        return {"Experiment": experiment, "rev": rev, "typ": typ, "State": state, "params.yaml:seed": float(seed),  # as
                 "recipes.tuned_cnn.lr": lr, "pipeline/training.py": "3f2a", f"{path}:accuracy": acc,  # dvc.api.exp_show
                 f"{path}:train_time_s": 200.0, f"{path}:seed": float(seed if scored is None else scored)}  # gives them
 
