@@ -35,8 +35,9 @@ class Scorer:
         self.top_k, self.raw = top_k, raw
 
     def __call__(self, batch: dict) -> dict:
-        """file (the name as given), path (where this worker reads it) -> infer's record, as JSON and as columns."""
-        paths, names = [str(f) for f in batch["path"]], [str(f) for f in batch["file"]]
+        """file (the name as given, valid UTF-8), path (where this worker reads it, the file system's bytes) ->
+        infer's record, as JSON and as columns."""
+        paths, names = [os.fsdecode(bytes(f)) for f in batch["path"]], [str(f) for f in batch["file"]]
         results = list(self.clf.classify(paths, self.top_k, self.raw, batch_size=max(len(paths), 1), names=names))
         return {"file": [shown(r.source) for r in results],
                 "predictions": [[p.to_dict() for p in r.predictions] if r.ok else None for r in results],
@@ -55,10 +56,10 @@ def score(files: list[str] | None, model: str, *, files_from: str | None = None,
     if files_from is not None:
         # no CPU for reading names: the actors hold one each, and a read waiting for a CPU would wait forever
         ds = ray.data.read_text(str(Path(files_from).resolve()), drop_empty_lines=True, ray_remote_args={"num_cpus": 0})
-        ds = ds.map(lambda r: {"file": r["text"].rstrip("\r"), "path": os.path.join(base, r["text"].rstrip("\r"))},
-                    num_cpus=0)
-    else:
-        ds = ray.data.from_items([{"file": f, "path": os.path.join(base, f)} for f in files])
+        ds = ds.map(lambda r: {"file": r["text"].rstrip("\r"),
+                               "path": os.fsencode(os.path.join(base, r["text"].rstrip("\r")))}, num_cpus=0)
+    else:  # Arrow strings are UTF-8: a name that is not travels as bytes, and is shown escaped as infer shows it
+        ds = ray.data.from_items([{"file": shown(f), "path": os.fsencode(os.path.join(base, f))} for f in files])
     actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
     scored = ds.map_batches(Scorer, fn_constructor_kwargs={"model": model, "top_k": top_k, "raw": raw},
                             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)

@@ -103,3 +103,18 @@ def test_a_bad_model_is_refused_in_one_line_and_nothing_written(images, tmp_path
                              str(tmp_path / "r.jsonl")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("Error: ") and len(result.stderr.splitlines()) == 1
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_a_file_name_that_is_not_utf8_is_scored_and_shown_as_infer_shows_it(images, model, tmp_path):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "plain.png").write_bytes((images / "digit-000.png").read_bytes())
+    odd = os.fsdecode(bytes(folder) + b"/caf\xe9.png")  # Latin-1, not UTF-8
+    with open(odd, "wb") as f:
+        f.write((images / "digit-001.png").read_bytes())
+    out = tmp_path / "results.jsonl"
+    result = infer_ray(folder, "--model", model, "--out", out)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records == list(infer_records(folder, "--model", model).values())
+    assert any(r["file"].endswith("caf\\xe9.png") for r in records)
