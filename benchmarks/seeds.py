@@ -45,13 +45,15 @@ def seed_runs(rows: list[dict], path: str) -> tuple[dict[int, dict], list[str]]:
     the first row of each seed; and the names of the finished experiments left out as repeats of a seed."""
     runs, repeats = {}, []
     commit = next((params_of(r) for r in rows if r.get("typ") == "baseline" and r.get("rev") != "workspace"), {})
+    commit.pop("seed", None)
     for row in rows:
         if row.get("rev") == "workspace" or row.get("State") not in (None, "Success"):
             continue
-        if {k: v for k, v in params_of(row).items() if k != "seed"} != {k: v for k, v in commit.items() if k != "seed"}:
+        params = params_of(row)
+        seed = params.pop("seed", None)  # DVC gives numbers as floats
+        if params != commit:
             continue
         values = {k: column(row, path, k) for k in METRIC_KEYS}
-        seed = params_of(row).get("seed")  # DVC gives numbers as floats
         if not isinstance(seed, (int, float)) or seed != int(seed) or column(row, path, "seed") != seed or \
                 not all(isinstance(v, (int, float)) for v in values.values()):
             continue

@@ -26,12 +26,12 @@ from PIL import Image
 from digitlens.errors import ImageError
 from digitlens.files import umask
 from digitlens.images import decode
+from digitlens.infer import image_extensions
 from digitlens.limits import read_encoded
 from pipeline.common import PipelineError
 from pipeline.datasets import SPLITS
 
 SPLIT_FOLDERS = ("train", "val", "test")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
 MODES = {1: "L", 3: "RGB"}  # channels -> the Pillow mode images are converted to
 
 
@@ -61,11 +61,12 @@ def class_folders(folder: Path, root: Path) -> dict[str, Path]:
 
 
 def images_in(folder: Path, root: Path, report: FolderReport) -> list[Path]:
-    files = []
+    """The image files under `folder` (by suffix, as `infer` tells them from others), sorted; others are counted."""
+    files, suffixes = [], image_extensions()
     for p in sorted(folder.rglob("*")):
         if p.name.startswith(".") or p.is_dir():
             continue
-        if p.suffix.lower() in IMAGE_SUFFIXES:
+        if p.suffix.lower() in suffixes:
             files.append(inside(p, root))
         else:
             report.ignored += 1
