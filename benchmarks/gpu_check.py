@@ -91,7 +91,7 @@ def epoch_times(project: Path, device) -> None:
     host-device syncs the eager one made."""
     import torch
 
-    from pipeline.datasets import load_split
+    from pipeline.datasets import load_split, pixel_stats
     from pipeline.models import create_model
     from pipeline.params import load_params
     from pipeline.tensors import amp_dtype, full_fp32, to_inputs
@@ -101,12 +101,13 @@ def epoch_times(project: Path, device) -> None:
     full_fp32()  # as training does on CUDA
     for dataset in ("mnist", "fashion-mnist"):
         images, labels = load_split(project / "data" / dataset, "train")
+        stats = pixel_stats(project / "data" / dataset)
         for arch in ("cnn", "tuned_cnn"):
-            recipe, (mean, std) = params.recipe(arch), params.normalization(dataset, arch)
+            recipe, (mean, std) = params.recipe(arch), params.normalization(arch, stats)
             x = to_inputs(images, mean, std, device).contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(labels).to(device)
             model = create_model(arch, **recipe.model_args).to(device, memory_format=torch.channels_last)
-            optimizer, augment = make_optimizer(model, recipe), augmentation(params, dataset, arch)
+            optimizer, augment = make_optimizer(model, recipe), augmentation(params, dataset, arch, stats)
             generator, amp = torch.Generator().manual_seed(0), amp_dtype("auto", device)
             run = (optimizer, x, y, recipe, augment, generator, amp)
             seconds, syncs = second_epoch(model, *run)

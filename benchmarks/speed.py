@@ -18,7 +18,7 @@ from digitlens.metadata import IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME, ModelInfo
 from digitlens.runtime import onnx_session
 from pipeline.common import stage_command, table, write_json
 from pipeline.conversion import to_onnx, to_torchscript
-from pipeline.datasets import DATASETS, dataset_info, load_split
+from pipeline.datasets import DATASETS, dataset_info, load_split, pixel_stats
 from pipeline.models import MODELS, create_model
 from pipeline.params import Params, load_params
 from pipeline.reference import reference_dataset, reference_train_steps, reference_transform
@@ -44,10 +44,11 @@ def training_throughput(params: Params, dataset: str, arch: str, data_dir: Path,
                         steps: int, repeats: int) -> dict:
     """Images/s of the pipeline's loop and of the reference loop, alternated, medians over repeats."""
     recipe = params.recipe(arch)
-    mean, std = params.normalization(dataset, arch)
+    stats = pixel_stats(data_dir)
+    mean, std = params.normalization(arch, stats)
     images, labels = load_split(data_dir, "train")
     x, y = to_inputs(images, mean, std, device), torch.from_numpy(labels).to(device)
-    augment = augmentation(params, dataset, arch)
+    augment = augmentation(params, dataset, arch, stats)
     channels_last = params.train.channels_last
     amp = amp_dtype(params.train.amp, device)
     if device.type == "cuda":

@@ -20,7 +20,7 @@ import numpy as np
 from digitlens.errors import ImageError, ModelError
 from digitlens.images import PREPROCESSORS, ImageInput, prepare
 from digitlens.limits import check_model_file
-from digitlens.metadata import IMAGE_SIZE, INPUT_SPEC, MetadataError, ModelInfo
+from digitlens.metadata import CHANNELS, GREY_ONLY, SIZES, MetadataError, ModelInfo, input_spec
 from digitlens.runtime import DEVICES, onnx_session
 from digitlens.text import first_line, shown
 
@@ -80,7 +80,7 @@ class Classifier:
 
     def __init__(self, model: str | os.PathLike, device: str = "cpu", assume: str | None = None,
                  threads: int | None = None):
-        """`assume` ('digit' or 'fashion'): for a model without this project's metadata, that preprocessing,
+        """`assume` ('digit', 'fashion' or 'plain'): for a model without this project's metadata, that preprocessing,
         pixels in [0, 1] without standardisation, and the output indices as class names. `threads`: onnxruntime's
         intra-op threads (default: one per core; a server running requests in parallel wants 1)."""
         if device not in DEVICES:
@@ -93,9 +93,9 @@ class Classifier:
         self.session = onnx_session(self.path, device, threads)
         inputs = self.session.get_inputs()
         shape = list(inputs[0].shape) if len(inputs) == 1 else []
-        if len(shape) != 4 or shape[1:] != [1, IMAGE_SIZE, IMAGE_SIZE] or inputs[0].type != "tensor(float)":
+        if len(shape) != 4 or inputs[0].type != "tensor(float)":
             found = ", ".join(f"{i.type} {i.shape}" for i in inputs)
-            raise ModelError(f"takes {found}; expected one float tensor (batch, 1, {IMAGE_SIZE}, {IMAGE_SIZE})")
+            raise ModelError(f"takes {found}; expected one float tensor (batch, channels, height, width)")
         self.input_name = inputs[0].name
         self.outputs = {o.name: o.type for o in self.session.get_outputs()}
         self.fixed_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
@@ -105,9 +105,15 @@ class Classifier:
             if assume is None:
                 raise ModelError(f"{e}; for a model without this project's metadata, assume 'digit' or "
                                  "'fashion' preprocessing (infer --assume)") from None
-            self.info = self._assumed(assume)
+            self.info = self._assumed(assume, shape)
         if self.info.preprocess not in PREPROCESSORS:
             raise ModelError(f"model metadata names unknown preprocessing {self.info.preprocess!r}")
+        if self.info.preprocess in GREY_ONLY and self.info.channels != 1:
+            raise ModelError(f"model metadata names {self.info.preprocess} preprocessing, which makes grey images, "
+                             f"for a model of {self.info.channels} channels")
+        expected = [self.info.channels, self.info.size, self.info.size]
+        if shape[1:] != expected:
+            raise ModelError(f"takes {shape}; its metadata says (batch, {', '.join(map(str, expected))})")
         self._check_output(self.info.output)
 
     def metadata(self) -> dict[str, str]:
@@ -122,16 +128,26 @@ class Classifier:
         if self.outputs[name] not in LOGITS_TYPES:
             raise ModelError(f"its output {name!r} is {self.outputs[name]}; expected a float tensor (batch, classes)")
 
-    def _assumed(self, preprocess: str) -> ModelInfo:
+    def _assumed(self, preprocess: str, shape: list) -> ModelInfo:
+        """Facts for a model without this project's metadata: its input's channels and size (square, as this project
+        makes them), pixels in [0, 1] without standardisation, output indices as class names."""
         output = next(iter(self.outputs))
         self._check_output(output)
-        zeros = np.zeros((self.fixed_batch or 1, 1, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+        channels, size = shape[1], shape[2]
+        if (channels not in CHANNELS or not isinstance(size, int) or shape[3] != size
+                or not SIZES[0] <= size <= SIZES[1]):
+            raise ModelError(f"takes {shape}; expected (batch, 1 or 3, size, size) with a size from {SIZES[0]} to "
+                             f"{SIZES[1]}")
+        if preprocess in GREY_ONLY and channels != 1:
+            raise ModelError(f"takes {channels} channels; {preprocess} preprocessing makes grey images "
+                             "(assume 'plain')")
+        zeros = np.zeros((self.fixed_batch or 1, channels, size, size), np.float32)
         z = self._run(zeros, output)
         if z.ndim != 2:
             raise ModelError(f"outputs shape {list(z.shape)}; expected (batch, classes)")
         classes = z.shape[1]
         return ModelInfo("unknown", "unknown", [str(i) for i in range(classes)], 0.0, 1.0, preprocess,
-                         input=dict(INPUT_SPEC), output=output)
+                         input=input_spec(channels, size, preprocess), output=output)
 
     def __repr__(self) -> str:
         return f"Classifier({str(self.path)!r}: {self.info.architecture} on {self.info.dataset})"
@@ -147,8 +163,9 @@ class Classifier:
             raise ModelError(f"onnxruntime failed running it ({first_line(e)})") from None
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
-        """Softmax (N, classes) for images (N, 28, 28) in [0, 1], light on dark, as `prepare` gives them."""
-        x = ((x - self.info.mean) / self.info.std).astype(np.float32)[:, None]  # (N, 1, 28, 28)
+        """Softmax (N, classes) for images (N, size, size) or (N, size, size, 3) in [0, 1], as `prepare` gives them."""
+        x = ((x - self.info.mean) / self.info.std).astype(np.float32)
+        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # (N, channels, size, size)
         step = self.fixed_batch or len(x)
         out = []
         for i in range(0, len(x), step):
@@ -169,7 +186,7 @@ class Classifier:
         arrays, errors = [], {}
         for i, source in enumerate(sources):
             try:
-                arrays.append(prepare(source, preprocess))
+                arrays.append(prepare(source, preprocess, self.info.size, self.info.channels))
             except ImageError as e:
                 errors[i] = str(e)
             except Exception as e:  # noqa: BLE001 - one odd input must not stop the others
@@ -191,8 +208,9 @@ class Classifier:
     def classify(self, images: Iterable[ImageInput], top_k: int = 1, raw: bool = False, batch_size: int = BATCH_SIZE,
                  names: Iterable[str] | None = None) -> Iterator[Result]:
         """A Result per input, in order, `batch_size` inputs per onnxruntime call; a bad input gets its
-        error in its Result and the others go on. `raw`: inputs already 28x28 light on dark (MNIST form),
-        only converted to grey. Raises ModelError if the model itself fails."""
+        error in its Result and the others go on. `raw`: inputs already in the model's form (28x28 light on
+        dark for MNIST models; the model's size otherwise), only converted to grey or RGB. Raises ModelError
+        if the model itself fails."""
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be a positive integer (got {top_k!r})")
         if not isinstance(batch_size, int) or batch_size < 1:

@@ -1,8 +1,9 @@
-"""Files written whole or not at all: a temporary file beside the target, renamed over it on success."""
+"""Files and folders written whole or not at all: a temporary one beside the target, renamed over it on success."""
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,3 +30,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it replaces `path` (and whatever was there), on error it
+    is removed: the folder appears whole or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        staging.chmod(0o777 & ~umask())  # mkdtemp made it 0700; the folder gets the mode any other would
+        yield staging
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Users' images -> the 28x28 light-on-dark arrays the models were trained on (Pillow and numpy, no torch).
+"""Users' images -> the arrays the models were trained on (Pillow and numpy, no torch): 28x28 light on dark for
+the digit and fashion recipes, or any declared size, grey or colour, resized as they are (plain).
 
 An image arrives as a path, bytes, a binary file object, a PIL image, a numpy array or nested lists of
 numbers (rows of pixels, as JSON has them); every kind goes
@@ -28,6 +29,11 @@ FASHION_TRIM = 0.05  # Fashion-MNIST trims edges within 5 % of the background co
 NO_CONTENT = "no content (a blank image, or too little contrast)"
 
 ImageInput = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | Image.Image | np.ndarray | list
+
+
+def image_extensions() -> set[str]:
+    """File suffixes ('.png', ...) of the formats decode accepts: how folders are told to hold images."""
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in FORMATS}
 
 
 def decode(data: bytes) -> Image.Image:
@@ -198,51 +204,77 @@ def scale_to_fit(a: np.ndarray, side: int) -> np.ndarray:
     return np.clip(resize(a, max(1, round(w * scale)), max(1, round(h * scale))), 0, 1)
 
 
-def paste(patch: np.ndarray, top: int, left: int) -> np.ndarray:
-    out = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.float32)
+def paste(patch: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
+    out = np.zeros((size, size), np.float32)
     h, w = patch.shape
     out[top:top + h, left:left + w] = patch
     return out
 
 
-def digit(grey: np.ndarray) -> np.ndarray:
-    """The MNIST recipe: light ink on black, cropped to the strokes, fitted to 20x20, centred by mass."""
+def digit(grey: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """The MNIST recipe: light ink on black, cropped to the strokes, fitted to 20x20, centred by mass (at
+    another size, the same proportions)."""
     x, background = light_on_dark(shrink(grey))
     ink = float(np.percentile(x, 99.9))
     if ink - background < MIN_CONTRAST:
         raise ImageError(NO_CONTENT)
     x = without_background(x, background, ink - background)
-    patch = scale_to_fit(x[content_box(x > DIGIT_INK)], DIGIT_BOX)
+    patch = scale_to_fit(x[content_box(x > DIGIT_INK)], round(DIGIT_BOX * size / IMAGE_SIZE))
     h, w = patch.shape
     ys, xs = np.indices(patch.shape)
     mass = patch.sum()
     # MNIST's centre of mass sits at pixel (14, 14), not at the geometric centre 13.5
-    top = int(np.clip(round(IMAGE_SIZE / 2 - (ys * patch).sum() / mass), 0, IMAGE_SIZE - h))
-    left = int(np.clip(round(IMAGE_SIZE / 2 - (xs * patch).sum() / mass), 0, IMAGE_SIZE - w))
-    return paste(patch, top, left)
+    top = int(np.clip(round(size / 2 - (ys * patch).sum() / mass), 0, size - h))
+    left = int(np.clip(round(size / 2 - (xs * patch).sum() / mass), 0, size - w))
+    return paste(patch, top, left, size)
 
 
-def fashion(grey: np.ndarray) -> np.ndarray:
-    """The Fashion-MNIST recipe: item light on black, trimmed to the item, longer side 28, centred."""
+def fashion(grey: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """The Fashion-MNIST recipe: item light on black, trimmed to the item, longer side 28 (or `size`), centred."""
     x, background = light_on_dark(shrink(grey))
     if float(np.percentile(x, 99.9)) - background < MIN_CONTRAST:
         raise ImageError(NO_CONTENT)
     x = without_background(x, background, 1 - background)
-    patch = scale_to_fit(x[content_box(x > FASHION_TRIM)], IMAGE_SIZE)
+    patch = scale_to_fit(x[content_box(x > FASHION_TRIM)], size)
     h, w = patch.shape
     # an odd margin leaves its extra pixel above and to the left, as in Fashion-MNIST
-    return paste(patch, (IMAGE_SIZE - h + 1) // 2, (IMAGE_SIZE - w + 1) // 2)
+    return paste(patch, (size - h + 1) // 2, (size - w + 1) // 2, size)
 
 
-PREPROCESSORS = {"digit": digit, "fashion": fashion}  # by the names in metadata.PREPROCESSING
+MODES = {1: "L", 3: "RGB"}  # channels -> the Pillow mode
 
 
-def prepare(source: ImageInput, preprocess: str | None) -> np.ndarray:
-    """float32 (28, 28) in [0, 1], light on dark, of one input; preprocess None (raw) only converts to grey."""
-    grey = to_grey(load(source))
-    if preprocess is not None:
-        return PREPROCESSORS[preprocess](grey)
-    if grey.shape != (IMAGE_SIZE, IMAGE_SIZE):
-        h, w = grey.shape
-        raise ImageError(f"is {w}x{h} pixels; raw input must be {IMAGE_SIZE}x{IMAGE_SIZE}")
-    return grey
+def pixels(img: Image.Image, size: int, channels: int) -> np.ndarray:
+    """uint8 (size, size) grey or (size, size, 3) RGB of `img`: transparent pixels on white, then resized with
+    Lanczos to size x size (the aspect ratio is not kept). Folder data sets are stored so, and `plain`
+    preprocessing brings users' images to the same form."""
+    mode = MODES[channels]
+    try:
+        if img.mode != mode:
+            if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+                img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+            img = img.convert(mode)
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.LANCZOS)
+        return np.asarray(img, np.uint8)
+    except (ValueError, OSError) as e:
+        raise ImageError(f"cannot convert {img.mode} pixels to {mode} ({first_line(e)})") from None
+
+
+def plain(img: Image.Image, size: int, channels: int) -> np.ndarray:
+    return pixels(img, size, channels).astype(np.float32) / 255
+
+
+PREPROCESSORS = {"digit": digit, "fashion": fashion, "plain": plain}  # by the names in metadata.PREPROCESSING
+
+
+def prepare(source: ImageInput, preprocess: str | None, size: int = IMAGE_SIZE, channels: int = 1) -> np.ndarray:
+    """float32 (size, size), or (size, size, 3) for colour models, in [0, 1] of one input: brought to the model's
+    form by `preprocess`; None (raw) only converts to grey or RGB and wants size x size already."""
+    img = load(source)
+    if preprocess is None and img.size != (size, size):
+        raise ImageError(f"is {img.size[0]}x{img.size[1]} pixels; raw input must be {size}x{size}")
+    if preprocess == "plain" or channels == 3:
+        return plain(img, size, channels)
+    grey = to_grey(img)
+    return grey if preprocess is None else PREPROCESSORS[preprocess](grey, size)

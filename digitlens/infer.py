@@ -14,7 +14,7 @@ import click
 
 from digitlens.classifier import BATCH_SIZE, Classifier, Result
 from digitlens.errors import ImageError, ModelError
-from digitlens.images import FORMATS, PREPROCESSORS
+from digitlens.images import PREPROCESSORS, image_extensions
 from digitlens.limits import read_encoded
 from digitlens.runtime import DEVICES
 from digitlens.text import DISTRIBUTION, USAGE, BadUsage, one_line, shown
@@ -23,12 +23,6 @@ OUTPUT_FORMATS = ("text", "json", "csv")
 PROGRESS_MIN = 20  # files; fewer finish before a progress bar would tell anything
 FAILED = 1  # exit status when some files could not be classified (a bad command line or model: USAGE)
 STDIN = "-"
-
-
-def image_extensions() -> set[str]:
-    from PIL import Image
-
-    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in FORMATS}
 
 
 def expand(args: tuple[str, ...]) -> tuple[list[str], list[tuple[str, str]]]:

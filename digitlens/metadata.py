@@ -14,20 +14,25 @@ from digitlens.text import first_line
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-IMAGE_SIZE = 28  # both data sets: 28x28 grey images
+IMAGE_SIZE = 28  # MNIST and Fashion-MNIST: 28x28 grey images
+SIZES = (16, 64)  # the square sides, in pixels, every architecture takes (a declared data set's `size`)
+CHANNELS = (1, 3)  # grey or RGB
 # How users' images are brought to a data set's form (params.yaml `datasets.<name>.preprocess`): the keys of
-# images.PREPROCESSORS, named here so that the training side need not import the image code
-PREPROCESSING = ("digit", "fashion")
+# images.PREPROCESSORS, named here so that the training side need not import the image code. digit and fashion
+# make grey light-on-dark images (MNIST's and Fashion-MNIST's recipes); plain only converts and resizes.
+PREPROCESSING = ("digit", "fashion", "plain")
+GREY_ONLY = ("digit", "fashion")
 MIN_STD = 1e-3  # pixels in [0, 1] with a smaller spread are one colour
-# The tensor every exported model takes: float32 (batch, 1, 28, 28), pixels scaled to [0, 1]
-# with light strokes on a dark background (as in MNIST), then standardised with mean/std.
-INPUT_SPEC = {
-    "shape": ["batch", 1, IMAGE_SIZE, IMAGE_SIZE],
-    "dtype": "float32",
-    "value_range": [0.0, 1.0],
-    "polarity": "light-on-dark",
-    "then": "(x - mean) / std",
-}
+
+
+def input_spec(channels: int = 1, size: int = IMAGE_SIZE, preprocess: str = "digit") -> dict:
+    """The tensor a model takes: float32 (batch, channels, size, size), pixels scaled to [0, 1] (light strokes on
+    a dark background after the digit and fashion preprocessing, as in MNIST), then standardised with mean/std."""
+    return {"shape": ["batch", channels, size, size], "dtype": "float32", "value_range": [0.0, 1.0],
+            "polarity": "light-on-dark" if preprocess in GREY_ONLY else "as-is", "then": "(x - mean) / std"}
+
+
+INPUT_SPEC = input_spec()  # MNIST's and Fashion-MNIST's
 REQUIRED = ("dataset", "architecture", "class_names", "normalization", "preprocess")
 
 
@@ -65,6 +70,14 @@ class ModelInfo:
     input: dict = field(default_factory=lambda: dict(INPUT_SPEC))
     output: str = OUTPUT_NAME
     export_id: str = ""  # the same in an export's ONNX and TorchScript files and its model card
+
+    @property
+    def channels(self) -> int:
+        return self.input["shape"][1]
+
+    @property
+    def size(self) -> int:
+        return self.input["shape"][2]
 
     def to_metadata(self) -> dict[str, str]:
         """String -> JSON string, as ONNX metadata_props and TorchScript _extra_files hold them."""
@@ -108,6 +121,12 @@ class ModelInfo:
         spec = values.get("input", INPUT_SPEC)
         if not all(isinstance(v, dict) for v in (model_args, params, spec)):
             raise MetadataError("model metadata: model_args, params and input must be JSON objects")
+        shape = spec.get("shape")
+        if (not isinstance(shape, list) or len(shape) != 4 or type(shape[1]) is not int
+                or shape[1] not in CHANNELS or type(shape[2]) is not int
+                or not SIZES[0] <= shape[2] <= SIZES[1] or shape[3] != shape[2]):
+            raise MetadataError(f"model metadata: input.shape must be [batch, 1 or 3, size, size] with a size from "
+                                f"{SIZES[0]} to {SIZES[1]} (got {shape!r})")
         test_flip = values.get("test_flip", False)
         if not isinstance(test_flip, bool):
             raise MetadataError(f"model metadata: test_flip must be true or false (got {test_flip!r})")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from digitlens.metadata import IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME, ModelInfo
+from digitlens.metadata import INPUT_NAME, OUTPUT_NAME, ModelInfo
 from digitlens.runtime import onnx_session
 from pipeline.common import PipelineError
 from pipeline.scoring import accuracy
@@ -52,7 +52,7 @@ def torchscript_bytes(scripted: torch.jit.ScriptModule, info: ModelInfo) -> byte
 
 def to_onnx(model: nn.Module, info: ModelInfo) -> onnx.ModelProto:
     """A self-contained ONNX model with a dynamic batch dimension and the model's facts in metadata_props."""
-    example = torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE)
+    example = torch.zeros(2, info.channels, info.size, info.size)
     logging.getLogger("torch.onnx").setLevel(logging.WARNING)
     program = torch.onnx.export(
         model, (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],

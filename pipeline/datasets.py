@@ -1,17 +1,24 @@
-"""The two data sets as plain data (classes, official hosts, checksums) and their IDX files (numpy, no torch)."""
+"""The built-in data sets as plain data (classes, official hosts, checksums), and what the data stage writes for
+every data set: IDX files (numpy, no torch) and dataset.json, the facts the later stages read (DataFacts)."""
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.common import PipelineError
+from pipeline.common import PipelineError, write_json
 
-SPLITS = {"train": "train", "test": "t10k"}  # split -> the prefix of its files
-SPLIT_SIZES = {"train": 60_000, "test": 10_000}  # images per split, the same in both data sets
-VALIDATION_SEED = 0  # the validation split is the same whatever params.yaml's `seed`: seeds vary training, not data
+SPLITS = {"train": "train", "val": "val", "test": "t10k"}  # split -> the prefix of its files ("val": optional)
+SPLIT_SIZES = {"train": 60_000, "test": 10_000}  # images per split, the same in both built-in data sets
+# Held-out splits (validation, and a one-folder data set's test split) are the same whatever params.yaml's `seed`:
+# seeds vary training, not data
+VALIDATION_SEED = 0
+FACTS_FILE = "dataset.json"
+REGISTRY_FILE = "pipeline/datasets.py"  # this file: a built-in data set's `path`, which its data stage depends on
+STATS_CHUNK = 2**24  # bytes of pixels summed at a time: the statistics of any split in bounded memory
 
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -56,6 +63,17 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
+def label_counts(data_dir: str | os.PathLike, classes: list[str]) -> dict[str, dict[str, int]]:
+    """split -> class -> images, of the splits the data stage wrote."""
+    counts = {}
+    for split in SPLITS:
+        label_file = split_files(data_dir, split)[1]
+        if label_file.exists():
+            found = np.bincount(read_idx(label_file), minlength=len(classes))
+            counts[split] = {name: int(n) for name, n in zip(classes, found)}
+    return counts
+
+
 def dataset_info(name: str) -> DatasetInfo:
     if name not in DATASETS:
         raise PipelineError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -81,21 +99,96 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(data, dtype, offset=header).reshape(shape)
 
 
-def load_split(data_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 (N, 28, 28), labels int64 (N,)) of one split of a fetched data set."""
+def split_files(data_dir: str | os.PathLike, split: str) -> tuple[Path, Path]:
     prefix = Path(data_dir) / SPLITS[split]
-    images = read_idx(f"{prefix}-images-idx3-ubyte")
-    labels = read_idx(f"{prefix}-labels-idx1-ubyte").astype(np.int64)
-    if images.ndim != 3 or labels.shape != images.shape[:1]:
-        raise PipelineError(f"{prefix}: images {images.shape} and labels {labels.shape} do not match")
+    return Path(f"{prefix}-images-idx3-ubyte"), Path(f"{prefix}-labels-idx1-ubyte")
+
+
+def load_split(data_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, H, W) grey or (N, H, W, 3) colour, labels int64 (N,)) of one split the data stage wrote."""
+    image_file, label_file = split_files(data_dir, split)
+    images = read_idx(image_file)
+    labels = read_idx(label_file).astype(np.int64)
+    if images.ndim not in (3, 4) or labels.shape != images.shape[:1]:
+        raise PipelineError(f"{image_file.parent}: {split} images {images.shape} and labels {labels.shape} do not "
+                            "match")
     return images, labels
+
+
+def held_out(n: int, fraction: float, seed: int = VALIDATION_SEED) -> np.ndarray:
+    """Boolean mask of `fraction` of n items, drawn with `seed`."""
+    held = np.zeros(n, bool)
+    held[np.random.default_rng(seed).permutation(n)[:round(n * fraction)]] = True
+    return held
 
 
 def split_validation(images: np.ndarray, labels: np.ndarray, fraction: float
                      ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """((train images, labels), (validation images, labels)): `fraction` of the training images, drawn with the
     fixed VALIDATION_SEED, held out for every choice made during and about training; both parts keep file order."""
-    n_val = round(len(images) * fraction)
-    held = np.zeros(len(images), bool)
-    held[np.random.default_rng(VALIDATION_SEED).permutation(len(images))[:n_val]] = True
+    held = held_out(len(images), fraction)
     return (images[~held], labels[~held]), (images[held], labels[held])
+
+
+def training_splits(data_dir: str | os.PathLike, fraction: float
+                    ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """((train images, labels), (validation images, labels)) of a data set: its own validation split when the data
+    stage wrote one (a folder's val/), else `fraction` of the training images (split_validation)."""
+    train = load_split(data_dir, "train")
+    if split_files(data_dir, "val")[0].exists():
+        return train, load_split(data_dir, "val")
+    return split_validation(*train, fraction)
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What the data stage found and every later stage reads (dataset.json): classes in label order, image shape,
+    the training images' pixel statistics, images per split and class, and what reading a folder changed."""
+
+    name: str
+    classes: list[str]
+    short_classes: list[str]  # the same, short enough to label a plot's axis
+    size: int
+    channels: int
+    mean: float  # of every training pixel (all channels), in [0, 1]
+    std: float
+    counts: dict[str, dict[str, int]]  # split -> class -> images
+    sha256: dict[str, str] = field(default_factory=dict)  # IDX file -> SHA-256 of its content
+    converted: dict[str, int] = field(default_factory=dict)  # "size" / "mode" -> images brought to the declared form
+    skipped: list[list[str]] = field(default_factory=list)  # [file, why] of files skipped (skip_bad)
+    ignored: int = 0  # files that are not images by their suffix
+
+
+def pixel_stats(data_dir: str | os.PathLike) -> tuple[float, float]:
+    """(mean, std) in [0, 1] of every pixel of the training images, summed STATS_CHUNK bytes at a time."""
+    image_file = split_files(data_dir, "train")[0]
+    header = read_idx_header(image_file)
+    pixels = np.memmap(image_file, np.uint8, "r", offset=header)
+    total = squares = 0.0
+    for start in range(0, len(pixels), STATS_CHUNK):
+        chunk = pixels[start:start + STATS_CHUNK].astype(np.float64)
+        total += chunk.sum()
+        squares += np.dot(chunk, chunk)
+    n = max(len(pixels), 1)
+    mean = total / n
+    return mean / 255, float(np.sqrt(max(squares / n - mean * mean, 0.0))) / 255
+
+
+def read_idx_header(path: Path) -> int:
+    """The header's length in bytes of an IDX file."""
+    with open(path, "rb") as f:
+        return 4 + 4 * f.read(4)[3]
+
+
+def write_facts(facts: DataFacts, data_dir: str | os.PathLike) -> None:
+    write_json(Path(data_dir) / FACTS_FILE, asdict(facts))
+
+
+def read_facts(data_dir: str | os.PathLike) -> DataFacts:
+    path = Path(data_dir) / FACTS_FILE
+    try:
+        return DataFacts(**json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: missing; run the data stage (dvc repro data@<name>) first") from None
+    except (ValueError, TypeError) as e:
+        raise PipelineError(f"{path}: not what the data stage writes ({e})") from None

@@ -6,8 +6,6 @@ import gzip
 import hashlib
 import math
 import os
-import shutil
-import tempfile
 import time
 import urllib.request
 import zlib
@@ -15,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from digitlens.files import umask
+from digitlens.files import atomic_dir
 from digitlens.metadata import IMAGE_SIZE
 from pipeline.common import PipelineError
 from pipeline.datasets import SPLIT_SIZES, SPLITS, dataset_info
@@ -145,16 +143,12 @@ def fetch_file(dataset: str, name: str, dest: str | os.PathLike = os.devnull) ->
 
 def fetch(dataset: str, out_dir: str | os.PathLike, log=print) -> None:
     """Fetch all four files of `dataset` into `out_dir`, which appears whole or not at all."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        staging.chmod(0o777 & ~umask())  # mkdtemp made it 0700; the folder gets the mode any other would
-        for name in dataset_info(dataset).sha256:
-            fetch_file(dataset, name, staging / name)
-            log(f"{dataset}/{name}: verified")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with atomic_dir(out_dir) as staging:
+        fetch_into(dataset, staging, log)
+
+
+def fetch_into(dataset: str, folder: Path, log=print) -> None:
+    """Fetch all four files of `dataset` into the existing `folder`."""
+    for name in dataset_info(dataset).sha256:
+        fetch_file(dataset, name, folder / name)
+        log(f"{dataset}/{name}: verified")

@@ -5,42 +5,36 @@
 
 Class names are the sub-folder names of train (or of the one folder), sorted. Each image is decoded with the
 limits `infer` uses (digitlens.images.decode: formats, pixel count, decompression bombs), converted to grey or
-RGB and resized to size x size, and streamed into `<split>` IDX files: memory stays that of one image, whatever
-the number of files. Bad data is refused with the file named, or, with `skip_bad`, a file that cannot be decoded
-is skipped and counted.
+RGB and resized to size x size as `plain` preprocessing does (digitlens.images.pixels), and streamed into
+`<split>` IDX files: memory stays that of one image, whatever the number of files. Bad data is refused with the
+file named, or, with `skip_bad`, a file that cannot be decoded is skipped and counted.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import struct
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from digitlens.errors import ImageError
-from digitlens.files import umask
-from digitlens.images import decode
-from digitlens.infer import image_extensions
+from digitlens.files import atomic_dir
+from digitlens.images import MODES, decode, image_extensions, pixels
 from digitlens.limits import read_encoded
 from pipeline.common import PipelineError
-from pipeline.datasets import SPLITS
+from pipeline.datasets import SPLITS, held_out
 
 SPLIT_FOLDERS = ("train", "val", "test")
-MODES = {1: "L", 3: "RGB"}  # channels -> the Pillow mode images are converted to
 
 
 @dataclass
 class FolderReport:
-    """What the reading found: classes, images per split and class, what was converted, skipped or ignored."""
+    """What the reading found: classes, what was converted, skipped or ignored."""
 
     classes: list[str]
-    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> images
     converted: Counter = field(default_factory=Counter)  # "size" / "mode" -> images brought to the declared form
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) with skip_bad
     ignored: int = 0  # files that are not images by their suffix
@@ -73,8 +67,7 @@ def images_in(folder: Path, root: Path, report: FolderReport) -> list[Path]:
     return files
 
 
-def scan(root: str | os.PathLike, test_fraction: float, seed: int) -> tuple[dict[str, list[tuple[Path, int]]],
-                                                                          FolderReport]:
+def scan(root: str | os.PathLike, test_fraction: float) -> tuple[dict[str, list[tuple[Path, int]]], FolderReport]:
     """{split: [(file, label)]} of a folder data set, and its report so far; refuses layouts that cannot train."""
     root = Path(root).resolve()
     if not root.is_dir():
@@ -106,29 +99,19 @@ def scan(root: str | os.PathLike, test_fraction: float, seed: int) -> tuple[dict
             splits[split] += [(f, index[name]) for f in files]
     if one_folder:
         items = splits.pop("train")
-        order = np.random.default_rng(seed).permutation(len(items))
-        n_test = round(len(items) * test_fraction)
-        held = set(order[:n_test].tolist())
-        splits = {"train": [it for i, it in enumerate(items) if i not in held],
-                  "test": [it for i, it in enumerate(items) if i in held]}
-    for split, items in splits.items():
-        report.counts[split] = dict(Counter(report.classes[label] for _, label in items))
+        held = held_out(len(items), test_fraction)
+        splits = {"train": [it for it, h in zip(items, held) if not h], "test": [it for it, h in zip(items, held) if h]}
     return splits, report
 
 
 def load_image(path: Path, size: int, channels: int, report: FolderReport) -> np.ndarray:
     """(size, size) or (size, size, 3) uint8 of one file; ImageError when it cannot be decoded."""
     img = decode(read_encoded(path))
-    mode = MODES[channels]
-    if img.mode != mode:
-        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-            img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
-        img = img.convert(mode)
+    if img.mode != MODES[channels]:
         report.converted["mode"] += 1
     if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.LANCZOS)
         report.converted["size"] += 1
-    return np.asarray(img, np.uint8)
+    return pixels(img, size, channels)
 
 
 def idx_header(count: int, shape: tuple[int, ...]) -> bytes:
@@ -164,23 +147,24 @@ def write_split(items: list[tuple[Path, int]], prefix: Path, size: int, channels
 
 
 def read_folder(root: str | os.PathLike, out_dir: str | os.PathLike, *, size: int, channels: int,
-                test_fraction: float = 0.2, seed: int = 0, skip_bad: bool = False) -> FolderReport:
+                test_fraction: float = 0.2, skip_bad: bool = False) -> FolderReport:
     """Read the folder data set at `root` into IDX files in `out_dir` (which appears whole or not at all)."""
+    with atomic_dir(out_dir) as staging:
+        return write_folder(root, staging, size=size, channels=channels, test_fraction=test_fraction,
+                            skip_bad=skip_bad)
+
+
+def write_folder(root: str | os.PathLike, folder: Path, *, size: int, channels: int, test_fraction: float = 0.2,
+                 skip_bad: bool = False) -> FolderReport:
+    """Read the folder data set at `root` into IDX files in the existing `folder`: `val` files too when it has its
+    own val/, and a test split of `test_fraction` of the images (drawn with a fixed seed) when it is one folder."""
     if channels not in MODES:
         raise PipelineError(f"channels must be 1 (grey) or 3 (colour), not {channels}")
-    splits, report = scan(root, test_fraction, seed)
+    splits, report = scan(root, test_fraction)
     if len(report.classes) > 256:
         raise PipelineError(f"{root}: {len(report.classes)} classes; IDX labels hold at most 256")
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        staging.chmod(0o777 & ~umask())
-        for split, items in splits.items():
-            write_split(items, staging / SPLITS.get(split, split), size, channels, skip_bad, report)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    for split, items in splits.items():
+        write_split(items, folder / SPLITS[split], size, channels, skip_bad, report)
+    base = Path(root).resolve()
+    report.skipped = [(str(Path(f).relative_to(base)), why) for f, why in report.skipped]
     return report

@@ -13,6 +13,10 @@ USES = {
                 "scaled to 28 pixels on its longer side and centred, as Fashion-MNIST was made",
                 "several items in one picture, people wearing the clothes, busy backgrounds, anything "
                 "outside its 10 classes (it always answers with one of them)"),
+    "plain": ("one image like those it was trained on: it is converted to {colour} and resized to {size}x{size} "
+              "pixels as it is (not cropped, and its aspect ratio not kept), as the training images were",
+              "images unlike its training images, or of anything outside its {classes} classes (it always answers "
+              "with one of them)"),
 }
 
 
@@ -46,7 +50,8 @@ def recipe_text(params: dict) -> str:
 def model_card(name: str, info: ModelInfo, per_class: dict[str, float], parity: dict, sha256: dict[str, str]) -> str:
     """Markdown for the model `name` (its file stem), from its metadata, per-class accuracy, parity report and
     the SHA-256 of each of its files (file name -> hex digest)."""
-    use, not_for = USES[info.preprocess]
+    facts = {"colour": "grey" if info.channels == 1 else "RGB", "size": info.size, "classes": len(info.class_names)}
+    use, not_for = (text.format(**facts) for text in USES[info.preprocess])
     lines = [
         f"# `{name}`: {info.architecture} on {DATASET_TITLES.get(info.dataset, info.dataset)}",
         "",
@@ -55,7 +60,8 @@ def model_card(name: str, info: ModelInfo, per_class: dict[str, float], parity: 
         *(f"- SHA-256 of `{file}`: `{digest}`" for file, digest in sha256.items()),
         f"- Test accuracy: **{info.test_accuracy:.2f} %** on the {parity['images']:,} test images",
         f"- Recipe: {recipe_text(info.params)}",
-        f"- Input: float32 `({', '.join(map(str, info.input['shape']))})`, pixels in [0, 1] light on dark, "
+        f"- Input: float32 `({', '.join(map(str, info.input['shape']))})`, pixels in [0, 1]"
+        f"{' light on dark' if info.input.get('polarity') == 'light-on-dark' else ''}, "
         f"then `(x - {info.mean:g}) / {info.std:g}`;"
         f" output `{info.output}`: logits over {len(info.class_names)} classes"
         + (", the mean of the logits of the image and of its mirror image (test-time flips, in the graph: two "

@@ -1,5 +1,9 @@
 """The architectures, looked up by name in a registry (the four of the reference recipes and the tuned one),
-and their checkpoints: the weights beside the model's facts (ModelInfo), which rebuild it."""
+and their checkpoints: the weights beside the model's facts (ModelInfo), which rebuild it.
+
+Every architecture takes its input's `channels` (1 or 3) and square `size` (16 to 64 pixels) and its class count
+from the data set. At 28x28 grey each keeps its reference layers; at another shape the convolutions take the
+channels and the first linear layer takes whatever the convolutions leave (the pooling halves as before)."""
 from __future__ import annotations
 
 import os
@@ -36,9 +40,9 @@ class Softmax(nn.Module):
 
     name = "softmax"
 
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10, channels: int = 1, size: int = IMAGE_SIZE):
         super().__init__()
-        self.fc = nn.Linear(IMAGE_SIZE * IMAGE_SIZE, num_classes)
+        self.fc = nn.Linear(channels * size * size, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 28, 28) -> (B, C)
         return self.fc(x.flatten(1))
@@ -46,15 +50,16 @@ class Softmax(nn.Module):
 
 @register
 class MLP(nn.Module):
-    """784-256-128-10 ReLU network with dropout between the hidden layers (tutorials 000, 003)."""
+    """784-256-128-10 ReLU network with dropout between the hidden layers (tutorials 000, 003); the input layer
+    takes channels x size x size pixels."""
 
     name = "mlp"
 
-    def __init__(self, num_classes: int = 10, dropout: float = 0.2):
+    def __init__(self, num_classes: int = 10, dropout: float = 0.2, channels: int = 1, size: int = IMAGE_SIZE):
         super().__init__()
         if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dropout must be a number in [0, 1) (got {dropout!r})")
-        self.fc1 = nn.Linear(IMAGE_SIZE * IMAGE_SIZE, 256)
+        self.fc1 = nn.Linear(channels * size * size, 256)
         self.fc2 = nn.Linear(256, 128)
         self.fc3 = nn.Linear(128, num_classes)
         self.dropout = nn.Dropout(dropout)
@@ -69,16 +74,18 @@ class MLP(nn.Module):
 
 @register
 class SimpleCNN(nn.Module):
-    """Two 5x5 convolutions with max-pooling and one linear layer (tutorial 002), returning logits."""
+    """Two 5x5 convolutions with max-pooling and one linear layer (tutorial 002), returning logits; the linear
+    layer takes the 20 maps of ((size - 4) // 2 - 4) // 2 pixels square (4 at 28x28, 1 at 16x16)."""
 
     name = "simple_cnn"
 
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10, channels: int = 1, size: int = IMAGE_SIZE):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
+        self.conv1 = nn.Conv2d(channels, 10, kernel_size=5)
         self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
         self.pool = nn.MaxPool2d(2)
-        self.fc = nn.Linear(320, num_classes)
+        side = ((size - 4) // 2 - 4) // 2
+        self.fc = nn.Linear(20 * side * side, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.pool(self.conv1(x)))  # (B, 10, 12, 12)
@@ -94,21 +101,22 @@ def conv_bn(c_in: int, c_out: int, bias: bool = True) -> list[nn.Module]:
 
 @register
 class CNN(nn.Module):
-    """Three 3x3 conv-BN-ReLU blocks and a BN MLP head (tutorial 001), flattening from dim 1."""
+    """Three 3x3 conv-BN-ReLU blocks and a BN MLP head (tutorial 001), flattening the 64 maps of size // 4 pixels
+    square from dim 1."""
 
     name = "cnn"
 
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10, channels: int = 1, size: int = IMAGE_SIZE):
         super().__init__()
         self.features = nn.Sequential(
-            *conv_bn(1, 16),
+            *conv_bn(channels, 16),
             *conv_bn(16, 32),
             nn.MaxPool2d(2),  # (B, 32, 14, 14)
             *conv_bn(32, 64),
             nn.MaxPool2d(2),  # (B, 64, 7, 7)
         )
         self.classifier = nn.Sequential(
-            nn.Linear(64 * 7 * 7, 128), nn.BatchNorm1d(128), nn.ReLU(),
+            nn.Linear(64 * (size // 4) ** 2, 128), nn.BatchNorm1d(128), nn.ReLU(),
             nn.Linear(128, 64), nn.BatchNorm1d(64), nn.ReLU(),
             nn.Linear(64, num_classes),
         )
@@ -121,12 +129,14 @@ class CNN(nn.Module):
 class TunedCNN(nn.Module):
     """A BatchNorm VGG-style CNN for the tuned recipe: one conv at 28x28, two at 14x14, two at 7x7 (width,
     2x and 4x `width` channels), max-pooling between; then either global average pooling and one linear
-    layer (hidden=0) or the 7x7 maps flattened into a BatchNorm MLP head of `hidden` units with dropout."""
+    layer (hidden=0) or the 7x7 maps (size // 4 at other sizes) flattened into a BatchNorm MLP head of `hidden`
+    units with dropout."""
 
     name = "tuned_cnn"
     tuned = True  # not one of the reference recipes: listed apart in the summary and the README
 
-    def __init__(self, num_classes: int = 10, width: int = 32, hidden: int = 0, dropout: float = 0.0):
+    def __init__(self, num_classes: int = 10, width: int = 32, hidden: int = 0, dropout: float = 0.0,
+                 channels: int = 1, size: int = IMAGE_SIZE):
         super().__init__()
         for arg, value, low in (("width", width, 1), ("hidden", hidden, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 4096:
@@ -135,7 +145,7 @@ class TunedCNN(nn.Module):
             raise ValueError(f"dropout must be a number in [0, 1) (got {dropout!r})")
         w = width
         self.features = nn.Sequential(
-            *conv_bn(1, w, bias=False),
+            *conv_bn(channels, w, bias=False),
             nn.MaxPool2d(2),  # (B, w, 14, 14)
             *conv_bn(w, 2 * w, bias=False), *conv_bn(2 * w, 2 * w, bias=False),
             nn.MaxPool2d(2),  # (B, 2w, 7, 7)
@@ -143,7 +153,7 @@ class TunedCNN(nn.Module):
         )
         if hidden:
             self.head = nn.Sequential(
-                nn.Flatten(), nn.Linear(4 * w * 7 * 7, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(dropout),
+                nn.Flatten(), nn.Linear(4 * w * (size // 4) ** 2, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(dropout),
                 nn.Linear(hidden, num_classes))
         else:
             self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
@@ -197,7 +207,8 @@ class Checkpoint:
     def model(self) -> nn.Module:
         """The trained model as it classifies (with its test-time flips, if any), rebuilt from its facts, in eval
         mode."""
-        model = create_model(self.info.architecture, num_classes=len(self.info.class_names), **self.info.model_args)
+        model = create_model(self.info.architecture, num_classes=len(self.info.class_names),
+                             channels=self.info.channels, size=self.info.size, **self.info.model_args)
         model.load_state_dict(self.state_dict)
         return inference_model(model, self.info.test_flip).eval()
 

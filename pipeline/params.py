@@ -1,21 +1,21 @@
-"""Typed view of params.yaml, validated before any stage does work."""
+"""Typed view of params.yaml, validated before any stage does work. Importing it does not import torch (the data
+stage reads its data set's entry without it); checking recipes and models does."""
 from __future__ import annotations
 
 import inspect
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from digitlens.metadata import MIN_STD, PREPROCESSING
+from digitlens.metadata import GREY_ONLY, IMAGE_SIZE, PREPROCESSING, SIZES
 from digitlens.text import first_line
 from pipeline.common import PipelineError
-from pipeline.datasets import DATASETS, SPLIT_SIZES
-from pipeline.models import MODELS
+from pipeline.datasets import DATASETS, REGISTRY_FILE, SPLIT_SIZES
 
 PARAMS_FILE = "params.yaml"
 MAX_PARAMS_BYTES = 2**20
@@ -23,6 +23,8 @@ MAX_DEPTH = 20  # params.yaml nests four deep
 MAX_SEED = 2**63 - 1  # a signed 64-bit integer, which torch.manual_seed and every other generator take
 MAX_PARAMETERS = 50_000_000  # per model: 200 MB of float32 weights, far beyond what 28x28 images need
 MAX_LR = 100.0  # beyond it no recipe here trains; torch's own errors start near 1e300
+NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # a data set's name and a model's: folder and file names anywhere
+PREFIX = re.compile(r"([a-z0-9][a-z0-9_-]{0,63})?")
 
 
 class ParamsLoader(yaml.SafeLoader):
@@ -118,12 +120,23 @@ class Recipe(Strict):
 
 
 class DatasetParams(Strict):
-    mean: float = Field(ge=0, le=1)
-    std: float = Field(gt=MIN_STD, le=1)  # a smaller one blows inputs up to infinity
-    flip_invariant: bool  # a mirrored image keeps its label (clothes yes, digits no)
-    pose_varies: bool  # images come rotated, slanted and scaled (handwriting yes, catalogue photos no)
-    occlusion_invariant: bool  # a partly hidden image keeps its label (clothes yes; digits no: 8 -> 3)
-    preprocess: str  # how the Classifier brings a user's image to 28x28: one of digitlens.metadata.PREPROCESSING
+    """One data set: where its images come from, their form, what keeps their labels, how users' images are
+    prepared (docs/datasets.md)."""
+
+    source: Literal["builtin", "folder"]  # builtin: MNIST or Fashion-MNIST, downloaded; folder: a folder of images
+    # the data stage's input, which DVC watches: the folder (inside the project), or for a built-in data set the
+    # module with its URLs and checksums
+    path: str = Field(min_length=1)
+    prefix: str | None = None  # of its models' names (artifacts/<prefix><arch>.onnx); default "<name>-"
+    size: int = Field(IMAGE_SIZE, ge=SIZES[0], le=SIZES[1])  # images are brought to size x size pixels
+    channels: Literal[1, 3] = 1  # grey or colour (RGB)
+    test_fraction: float = Field(0.2, ge=0.05, le=0.5)  # a folder without test/: this share is the test split
+    skip_bad: bool = False  # a folder's undecodable images: skipped and counted (else refused, the file named)
+    flip_invariant: bool = False  # a mirrored image keeps its label (clothes yes, digits no)
+    pose_varies: bool = False  # images come rotated, slanted and scaled (handwriting yes, catalogue photos no)
+    occlusion_invariant: bool = False  # a partly hidden image keeps its label (clothes yes; digits no: 8 -> 3)
+    # how a user's image is brought to the model's input: one of digitlens.metadata.PREPROCESSING
+    preprocess: str = "plain"
 
     @field_validator("preprocess")
     @classmethod
@@ -131,6 +144,61 @@ class DatasetParams(Strict):
         if v not in PREPROCESSING:
             raise ValueError(f"unknown preprocessing {v!r}; allowed: {', '.join(PREPROCESSING)}")
         return v
+
+    @field_validator("path")
+    @classmethod
+    def inside_the_project(cls, v: str) -> str:
+        if Path(v).is_absolute() or ".." in Path(v).parts:
+            raise ValueError(f"{v!r}: give a path inside the project, relative to it (DVC tracks it there)")
+        return v
+
+    @field_validator("prefix")
+    @classmethod
+    def file_name_prefix(cls, v: str | None) -> str | None:
+        if v is not None and not PREFIX.fullmatch(v):
+            raise ValueError(f"{v!r}: lower-case letters, digits, '-' and '_' only, starting with a letter or digit")
+        return v
+
+    @model_validator(mode="after")
+    def grey_preprocessing(self) -> DatasetParams:
+        if self.preprocess in GREY_ONLY and self.channels != 1:
+            raise ValueError(f"preprocess: {self.preprocess} makes grey images; with channels 3 use plain")
+        return self
+
+
+def check_datasets(v: dict[str, DatasetParams]) -> dict[str, DatasetParams]:
+    """The data sets' names, and a built-in one's fixed form."""
+    if not v:
+        raise ValueError("declare at least one data set")
+    for name, ds in v.items():
+        if not NAME.fullmatch(name):
+            raise ValueError(f"{name!r}: a data set's name is 1-64 lower-case letters, digits, '-' and '_', "
+                             "starting with a letter or digit (it names folders and files)")
+        if ds.source == "builtin":
+            if name not in DATASETS:
+                raise ValueError(f"{name}: source builtin is one of {', '.join(DATASETS)}; declare other data "
+                                 "sets with source: folder")
+            if ds.path != REGISTRY_FILE or ds.size != IMAGE_SIZE or ds.channels != 1:
+                raise ValueError(f"{name}: a built-in data set has path {REGISTRY_FILE} (its URLs and checksums), "
+                                 f"size {IMAGE_SIZE} and channels 1")
+    return v
+
+
+class DatasetsOnly(BaseModel):
+    """The `datasets` section alone, checked as Params checks it: what the data stage reads."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True, allow_inf_nan=False)
+    datasets: dict[str, DatasetParams]
+
+    @field_validator("datasets")
+    @classmethod
+    def known_datasets(cls, v: dict) -> dict:
+        return check_datasets(v)
+
+
+class ModelEntry(Strict):
+    dataset: str
+    arch: str
 
 
 class DataParams(Strict):
@@ -159,22 +227,26 @@ class Params(Strict):
     train: TrainParams
     datasets: dict[str, DatasetParams]
     recipes: dict[str, Recipe]
+    # every model dvc.yaml trains: name -> data set and architecture; the name is the artifact's file stem and must
+    # be the data set's prefix and the architecture (DVC's templating cannot join strings, so they are listed)
+    models: dict[str, ModelEntry]
 
     @field_validator("datasets")
     @classmethod
     def known_datasets(cls, v: dict) -> dict:
-        for name in v:
-            if name not in DATASETS:
-                raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
-        return v
+        return check_datasets(v)
 
     @field_validator("recipes")
     @classmethod
     def known_architectures(cls, v: dict) -> dict:
+        import torch
+
+        from pipeline.models import MODELS
+
         for name, recipe in v.items():
             if name not in MODELS:
                 raise ValueError(f"unknown architecture {name!r}; allowed: {', '.join(MODELS)}")
-            accepted = set(inspect.signature(MODELS[name]).parameters) - {"num_classes"}
+            accepted = set(inspect.signature(MODELS[name]).parameters) - {"num_classes", "channels", "size"}
             for arg in recipe.model_args:
                 if arg not in accepted:
                     allowed = ", ".join(sorted(accepted)) or "none"
@@ -189,11 +261,34 @@ class Params(Strict):
         return v
 
     @model_validator(mode="after")
+    def models_named_by_their_data_set(self) -> Params:
+        from pipeline.models import MODELS
+
+        taken: dict[str, str] = {}  # a model name any data set could give -> that data set
+        for name in self.datasets:
+            for arch in MODELS:
+                model = self.model_name(name, arch).lower()
+                if taken.setdefault(model, name) != name:
+                    raise ValueError(f"datasets: {taken[model]} and {name} would both name a model {model!r} "
+                                     "(artifacts/<prefix><arch>.onnx); give one of them another prefix")
+        for model, entry in self.models.items():
+            if entry.dataset not in self.datasets:
+                raise ValueError(f"models.{model}: unknown data set {entry.dataset!r}; declared: "
+                                 f"{', '.join(self.datasets)}")
+            if entry.arch not in MODELS:
+                raise ValueError(f"models.{model}: unknown architecture {entry.arch!r}; allowed: {', '.join(MODELS)}")
+            if model != self.model_name(entry.dataset, entry.arch):
+                raise ValueError(f"models.{model}: name it {self.model_name(entry.dataset, entry.arch)} (its data set's "
+                                 f"prefix and its architecture), or give datasets.{entry.dataset} that prefix")
+        return self
+
+    @model_validator(mode="after")
     def everything_covered(self) -> Params:
-        for kind, have, known in (("datasets", self.datasets, DATASETS), ("recipes", self.recipes, MODELS)):
-            missing = [k for k in known if k not in have]
-            if missing:
-                raise ValueError(f"{kind}: missing {', '.join(missing)}")
+        from pipeline.models import MODELS
+
+        missing = [k for k in MODELS if k not in self.recipes]
+        if missing:
+            raise ValueError(f"recipes: missing {', '.join(missing)}")
         limit = self.data.train_limit
         images = SPLIT_SIZES["train"] - round(SPLIT_SIZES["train"] * self.data.val_fraction)
         for arch, recipe in self.recipes.items():
@@ -219,10 +314,15 @@ class Params(Strict):
             recipe = recipe.model_copy(update={"epochs": self.train.epochs})
         return recipe
 
-    def normalization(self, dataset: str, arch: str) -> tuple[float, float]:
-        """(mean, std) the inputs of `arch` on `dataset` are standardised with; (0, 1) = scaled only."""
-        ds = self.datasets[dataset]
-        return (ds.mean, ds.std) if self.recipes[arch].normalize else (0.0, 1.0)
+    def model_name(self, dataset: str, arch: str) -> str:
+        """The name (artifact file stem) of `arch` trained on `dataset`: the data set's prefix, then the arch."""
+        prefix = self.datasets[dataset].prefix
+        return (f"{dataset}-" if prefix is None else prefix) + arch
+
+    def normalization(self, arch: str, stats: tuple[float, float]) -> tuple[float, float]:
+        """(mean, std) the inputs of `arch` are standardised with: the data set's pixel statistics `stats` (the data
+        stage's), or (0, 1) = scaled only."""
+        return stats if self.recipes[arch].normalize else (0.0, 1.0)
 
     def hflip(self, dataset: str, arch: str) -> bool:
         return self.recipes[arch].hflip and self.datasets[dataset].flip_invariant
@@ -247,9 +347,9 @@ def error_text(error: dict) -> str:
     return f"{where}: {error['msg']}{got}" if where else f"{error['msg']}{got}"
 
 
-def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
+def parse_params(raw: Any, source: str = PARAMS_FILE, model: type[BaseModel] = Params) -> Any:
     try:
-        return Params.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as e:
         raise PipelineError(f"{source}: " + "; ".join(error_text(err) for err in e.errors())) from None
 
@@ -263,13 +363,24 @@ def read_yaml(path: str | Path) -> Any:
         return yaml.load(f.read(MAX_PARAMS_BYTES + 1), ParamsLoader)
 
 
-def load_params(path: str | Path = PARAMS_FILE) -> Params:
+def read_params_file(path: str | Path) -> Any:
     try:
-        raw = read_yaml(path)
+        return read_yaml(path)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise PipelineError(f"{path}: cannot read params: {where}{e.problem or first_line(e)}") from None
     except (OSError, yaml.YAMLError, RecursionError, ValueError) as e:  # ValueError: an integer of 4,300+ digits
         raise PipelineError(f"{path}: cannot read params ({getattr(e, 'strerror', None) or first_line(e)})") from None
-    return parse_params(raw, str(path))
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    return parse_params(read_params_file(path), str(path))
+
+
+def load_dataset(name: str, path: str | Path = PARAMS_FILE) -> DatasetParams:
+    """The data set `name` as params.yaml declares it, without the rest of the file (nor torch)."""
+    declared = parse_params(read_params_file(path), str(path), DatasetsOnly).datasets
+    if name not in declared:
+        raise PipelineError(f"{path}: no data set {name!r}; declared: {', '.join(declared)}")
+    return declared[name]

@@ -15,7 +15,6 @@ from digitlens import Classifier, ModelInfo
 from digitlens.classifier import BATCH_SIZE
 from digitlens.files import atomic_path
 from pipeline.common import PipelineError
-from pipeline.datasets import dataset_info
 from pipeline.scoring import accuracy, class_accuracy, confusion_matrix, cross_entropy
 
 # Largest difference allowed between the accuracy the core gives an exported model and the one its export measured in
@@ -73,11 +72,10 @@ def most_confident_mistakes(labels: np.ndarray, probs: np.ndarray, n: int) -> np
     return wrong[np.argsort(-confidence, kind="stable")][:n]
 
 
-def plot_mistakes(info: ModelInfo, images: np.ndarray, labels: np.ndarray, probs: np.ndarray, path: str | Path,
-                  rows: int = 4, cols: int = 8) -> None:
+def plot_mistakes(info: ModelInfo, classes: list[str], images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                  path: str | Path, rows: int = 4, cols: int = 8) -> None:
     """A grid of the test images the model gets wrong with the highest confidence, the true and the predicted
-    class (with its probability) under each."""
-    classes = dataset_info(info.dataset).short_classes
+    class (with its probability; `classes`: short names) under each."""
     pred = probs.argmax(1)
     picked = most_confident_mistakes(labels, probs, rows * cols)
     wrong = int((pred != labels).sum())
@@ -86,7 +84,7 @@ def plot_mistakes(info: ModelInfo, images: np.ndarray, labels: np.ndarray, probs
         ax.axis("off")
         if i is None:
             continue
-        ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
+        ax.imshow(images[i], **({"cmap": "gray", "vmin": 0, "vmax": 255} if images[i].ndim == 2 else {}))
         ax.set_title(f"#{i}  true {classes[labels[i]]}\npred {classes[pred[i]]} {100 * probs[i, pred[i]]:.0f}%",
                      fontsize=8)
     fig.suptitle(f"{info.architecture} on {info.dataset}: the {len(picked)} most confident of its {wrong} mistakes "
@@ -105,9 +103,11 @@ def predictions_csv(labels: np.ndarray, pred: np.ndarray, classes: list[str]) ->
     return buf.getvalue()
 
 
-def plot_report(info: ModelInfo, history: list[dict], metrics: dict, cm: np.ndarray, path: str | Path) -> None:
-    """Training curves (the per-epoch `history`) and confusion matrix of one model, in one PNG."""
-    short, cm = dataset_info(info.dataset).short_classes, np.asarray(cm)
+def plot_report(info: ModelInfo, short: list[str], history: list[dict], metrics: dict, cm: np.ndarray,
+                path: str | Path) -> None:
+    """Training curves (the per-epoch `history`) and confusion matrix (classes labelled by their `short` names) of
+    one model, in one PNG."""
+    cm = np.asarray(cm)
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc, ax_cm) = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [1, 1, 1.2]})
     ax_loss.plot(epochs, [h["train/loss"] for h in history], "o-", label="train")

@@ -41,9 +41,10 @@ def precision_label(amp: torch.dtype | None) -> str:
 
 
 def to_inputs(images: np.ndarray, mean: float, std: float, device: torch.device) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> normalised float32 (N, 1, 28, 28) on `device`, in one go."""
+    """uint8 (N, H, W) grey or (N, H, W, 3) colour -> normalised float32 (N, C, H, W) on `device`, in one go."""
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
-    return ((x.float() / 255.0 - mean) / std).unsqueeze(1)
+    x = (x.float() / 255.0 - mean) / std
+    return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
 
 
 @torch.inference_mode()

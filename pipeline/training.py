@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from digitlens.metadata import ModelInfo
+from digitlens.metadata import ModelInfo, input_spec
 from digitlens.text import first_line
 from pipeline.augment import Augmentation
 from pipeline.common import PipelineError
-from pipeline.datasets import dataset_info, load_split, split_validation
+from pipeline.datasets import read_facts, training_splits
 from pipeline.distributed import ONE_PROCESS, Ranks, join, ranks, total
 from pipeline.models import Checkpoint, RunFacts, create_model, inference_model
 from pipeline.params import PARAMS_FILE, OneCycle, Params, Recipe
@@ -48,9 +48,10 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
 NO_AUGMENTATION = Augmentation()
 
 
-def augmentation(params: Params, dataset: str, arch: str) -> Augmentation:
-    """What `arch`'s recipe does to the training images of `dataset` (less what would change their labels)."""
-    mean, std = params.normalization(dataset, arch)
+def augmentation(params: Params, dataset: str, arch: str, stats: tuple[float, float]) -> Augmentation:
+    """What `arch`'s recipe does to the training images of `dataset` (less what would change their labels);
+    `stats`: the data set's pixel (mean, std)."""
+    mean, std = params.normalization(arch, stats)
     return Augmentation(hflip=params.hflip(dataset, arch), **params.augment(dataset, arch).model_dump(),
                         fill=-mean / std)
 
@@ -163,15 +164,19 @@ def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=pri
         log = on_epoch = None
     log = log or (lambda msg: None)
     torch.manual_seed(params.seed)
-    mean, std = params.normalization(dataset, arch)
-    (train_images, train_labels), val = split_validation(*load_split(data_dir, "train"), params.data.val_fraction)
+    facts = read_facts(data_dir)
+    mean, std = params.normalization(arch, (facts.mean, facts.std))
+    (train_images, train_labels), val = training_splits(data_dir, params.data.val_fraction)
     val_images, val_labels = (a[:monitor] for a in val)
     if params.data.train_limit is not None:
         train_images, train_labels = train_images[:params.data.train_limit], train_labels[:params.data.train_limit]
     train_x, val_x = (to_inputs(a, mean, std, device) for a in (train_images, val_images))
     train_y, val_y = (torch.from_numpy(a).to(device) for a in (train_labels, val_labels))
-    classes = dataset_info(dataset).classes
-    model = create_model(arch, num_classes=len(classes), **recipe.model_args).to(device)
+    if recipe.drop_last and len(train_x) < recipe.batch_size:
+        raise PipelineError(f"{dataset}: {len(train_x)} training images, fewer than recipes.{arch}.batch_size "
+                            f"({recipe.batch_size}), whose incomplete batches are dropped: nothing would train")
+    model = create_model(arch, num_classes=len(facts.classes), channels=facts.channels, size=facts.size,
+                         **recipe.model_args).to(device)
     if at.world > 1 and device.type == "cuda":  # batch statistics over the global batch (on the CPU: each share's)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if params.train.channels_last:
@@ -188,19 +193,23 @@ def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=pri
     start = time.perf_counter()
     try:
         history = fit(model, recipe, train_x, train_y, val_x, val_y, seed=params.seed,
-                      eval_batch_size=params.eval_batch(device.type), amp=amp, augment=augmentation(params, dataset, arch),
+                      eval_batch_size=params.eval_batch(device.type), amp=amp,
+                      augment=augmentation(params, dataset, arch, (facts.mean, facts.std)),
                       test_flip=params.test_flip(dataset, arch), log=log, on_epoch=on_epoch, at=at)
     except Diverged as e:
         raise PipelineError(f"{arch} on {dataset} diverged, {e}: lower recipes.{arch}.lr ({recipe.lr:g}), or check "
-                            f"datasets.{dataset}.mean/std ({mean:g}/{std:g}); nothing written") from None
+                            f"the data's pixel mean/std ({mean:g}/{std:g}, data/{dataset}/dataset.json); nothing written"
+                            ) from None
     except RuntimeError as e:  # a collective that lost, or waited in vain for, another process
         if at.world == 1:
             raise
         raise PipelineError(f"process {at.rank} of {at.world}: another process failed or stopped "
                             f"({first_line(e)}); nothing written") from None
     train_time = time.perf_counter() - start
-    info = ModelInfo(dataset=dataset, architecture=arch, class_names=list(classes), mean=mean, std=std,
-                     preprocess=params.datasets[dataset].preprocess, model_args=dict(recipe.model_args),
+    preprocess = params.datasets[dataset].preprocess
+    info = ModelInfo(dataset=dataset, architecture=arch, class_names=list(facts.classes), mean=mean, std=std,
+                     preprocess=preprocess, model_args=dict(recipe.model_args),
+                     input=input_spec(facts.channels, facts.size, preprocess),
                      test_flip=params.test_flip(dataset, arch),
                      params={"seed": params.seed, "device": params.device, "recipe": recipe.model_dump(),
                              "hflip": params.hflip(dataset, arch), "augment": params.augment(dataset, arch).model_dump(),

@@ -43,13 +43,15 @@ def mirror() -> Path:
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory, mirror) -> Path:
     """Both data sets fetched (and verified) from the mirror by the data stage's code."""
+    from pipeline.dataprep import prepare_dataset
     from pipeline.datasets import DATASETS
-    from pipeline.download import fetch
+    from pipeline.params import load_params
 
     root = tmp_path_factory.mktemp("data")
     os.environ["DATASET_MIRROR"] = str(mirror)
+    declared = load_params(ROOT / "params.yaml").datasets
     for name in DATASETS:
-        fetch(name, root / name, log=lambda msg: None)
+        prepare_dataset(name, declared[name], root / name, log=lambda msg: None)
     return root
 
 

@@ -148,11 +148,19 @@ def test_data_stage_command_reports_one_line(tmp_path, monkeypatch, offline_host
 
 
 def test_download_progress_on_a_terminal_only(mirror, tmp_path):
-    """A bar per file while it downloads on a terminal; piped, only the one line per verified file."""
+    """A bar per file while it downloads on a terminal; piped, one line per verified file, then the images per
+    split and class and the pixel statistics."""
     cmd = [sys.executable, "-m", "pipeline.stages.data", "--dataset", "mnist", "--out", str(tmp_path / "a")]
     env = {**os.environ, "DATASET_MIRROR": str(mirror)}
     result, terminal = stderr_on_terminal(cmd, cwd=ROOT, env=env)
     assert result.returncode == 0 and "\rtrain-images-idx3-ubyte:   0%|" in terminal and "/47.0M [" in terminal
     piped = subprocess.run([*cmd[:-1], str(tmp_path / "b")], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert piped.returncode == 0 and piped.stderr.splitlines() == [f"mnist/{name}: verified" for name in
-                                                                   datasets.DATASETS["mnist"].sha256]
+    assert piped.returncode == 0 and piped.stderr.splitlines() == [
+        *(f"mnist/{name}: verified" for name in datasets.DATASETS["mnist"].sha256),
+        "mnist train: 60,000 images; 0 - zero 5,923, 1 - one 6,742, 2 - two 5,958, 3 - three 6,131, 4 - four 5,842, "
+        "5 - five 5,421, 6 - six 5,918, 7 - seven 6,265, 8 - eight 5,851, 9 - nine 5,949",
+        "mnist test: 10,000 images; 0 - zero 980, 1 - one 1,135, 2 - two 1,032, 3 - three 1,010, 4 - four 982, "
+        "5 - five 892, 6 - six 958, 7 - seven 1,028, 8 - eight 974, 9 - nine 1,009",
+        "mnist: pixel mean 0.1307, std 0.3081 (training images)", f"wrote {tmp_path / 'b'}"]
+    facts = datasets.read_facts(tmp_path / "b")
+    assert facts.counts["test"]["9 - nine"] == 1009 and (facts.size, facts.channels) == (28, 1)

@@ -57,7 +57,16 @@ def test_epochs_override_replaces_every_recipe():
     ("recipes.resnet", RAW["recipes"]["cnn"], False,
      "recipes: Value error, unknown architecture 'resnet'; allowed: softmax, mlp, simple_cnn, cnn, tuned_cnn"),
     ("datasets.cifar", RAW["datasets"]["mnist"], False,
-     "datasets: Value error, unknown dataset 'cifar'; allowed: mnist, fashion-mnist"),
+     "datasets: Value error, cifar: source builtin is one of mnist, fashion-mnist; declare other data sets with "
+     "source: folder"),
+    ("datasets.cifar", {"source": "folder"}, False, "datasets.cifar.path: Field required"),
+    ("datasets.mnist.size", 32, False, "a built-in data set has path pipeline/datasets.py (its URLs and checksums), "
+                                       "size 28 and channels 1"),
+    ("datasets.mnist.mean", 0.13, False, "datasets.mnist.mean: Extra inputs are not permitted"),
+    ("datasets.mnist.prefix", "Big ", False, "datasets.mnist.prefix: Value error, 'Big ': lower-case letters"),
+    ("models.cnn.arch", "resnet", False, "models.cnn: unknown architecture 'resnet'"),
+    ("recipes.tuned_cnn.model_args", {"channels": 3}, False, "unknown argument 'channels'; allowed: dropout, hidden, "
+                                                              "width"),
     ("seed", None, True, "seed: Field required"),
     ("recipes.cnn", None, True, "missing cnn"),
     ("recipes.cnn.lr", -0.1, False, "recipes.cnn.lr: Input should be greater than 0 (got -0.1)"),
@@ -77,7 +86,7 @@ def test_epochs_override_replaces_every_recipe():
      "recipes.tuned_cnn.augment.erase: Input should be less than or equal to 1 (got 1.5)"),
     ("recipes.tuned_cnn.scheduler", {"kind": "cosine"}, False, "recipes.tuned_cnn.scheduler"),
     ("recipes.tuned_cnn.model_args", {"width": 0}, False, "width must be an integer from 1 to 4096 (got 0)"),
-    ("datasets.mnist.pose_varies", None, True, "datasets.mnist.pose_varies: Field required"),
+    ("datasets.mnist.source", None, True, "datasets.mnist.source: Field required"),
 ])
 def test_bad_params_name_the_key(path, value, delete, message):
     with pytest.raises(PipelineError) as err:

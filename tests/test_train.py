@@ -4,6 +4,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from pipeline import datasets
 from pipeline import training as tr
 from pipeline.common import PipelineError
 from pipeline.datasets import load_split, split_validation
@@ -149,7 +150,7 @@ def test_threads_come_from_the_environment_not_from_params(params, data_root, tm
 
 def test_training_never_reads_the_test_set_and_scores_the_held_out_images(params, data_root, monkeypatch):
     read, lines = [], []
-    monkeypatch.setattr(tr, "load_split", lambda folder, split: read.append(split) or load_split(folder, split))
+    monkeypatch.setattr(datasets, "load_split", lambda folder, split: read.append(split) or load_split(folder, split))
     ckpt = tr.train(quick_params(params, epochs=1, train_limit=None), "mnist", "softmax", data_root / "mnist",
                     log=lines.append)
     assert read == ["train"] and "(54000 images, 6000 for validation)" in lines[0]

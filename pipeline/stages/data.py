@@ -1,4 +1,5 @@
-"""Data stage: fetch and verify one data set (MNIST or Fashion-MNIST) into a folder of IDX files."""
+"""Data stage: one data set declared in params.yaml into a folder of IDX files and dataset.json (DataFacts): a
+built-in one fetched and verified, a folder of images read once."""
 from __future__ import annotations
 
 import sys
@@ -6,17 +7,28 @@ import sys
 import click
 
 from pipeline.common import stage_command
-from pipeline.datasets import DATASETS
-from pipeline.download import DEFAULT_TIMEOUT, fetch
+from pipeline.dataprep import describe, prepare_dataset
+from pipeline.download import DEFAULT_TIMEOUT
+from pipeline.params import PARAMS_FILE, load_dataset
 
 
-@click.command(help="Fetch and verify one data set (mirror in $DATASET_MIRROR, else official hosts; "
-                    f"$DATASET_TIMEOUT seconds per file, default {DEFAULT_TIMEOUT}).")
-@click.option("--dataset", required=True, type=click.Choice(list(DATASETS)))
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+@click.command(help="Read one data set declared in params.yaml into IDX files and dataset.json: a built-in one "
+                    "fetched and verified (mirror in $DATASET_MIRROR, else official hosts; $DATASET_TIMEOUT seconds "
+                    f"per file, default {DEFAULT_TIMEOUT}), a folder of images decoded, converted and resized "
+                    "(docs/datasets.md).")
+@click.option("--dataset", required=True, help="A data set's name in params.yaml.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder to write.")
+@click.option("--params", "params_file", default=PARAMS_FILE, show_default=True, type=click.Path(dir_okay=False))
 @stage_command
-def main(dataset: str, out_dir: str) -> None:
-    fetch(dataset, out_dir, log=lambda msg: print(msg, file=sys.stderr))
+def main(dataset: str, out_dir: str, params_file: str) -> None:
+    facts = prepare_dataset(dataset, load_dataset(dataset, params_file), out_dir, log)
+    for line in describe(facts):
+        log(line)
+    log(f"wrote {out_dir}")
 
 
 if __name__ == "__main__":

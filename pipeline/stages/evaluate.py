@@ -10,7 +10,7 @@ import click
 
 from digitlens import Classifier
 from pipeline.common import stage_command, write_json, write_text
-from pipeline.datasets import load_split
+from pipeline.datasets import load_split, read_facts
 from pipeline.modelcard import model_card
 from pipeline.reports import evaluate, plot_mistakes, plot_report, predictions_csv, read_history
 
@@ -41,10 +41,11 @@ def main(onnx_path: str, ts_path: str, data_dir: str, live_dir: str, run_path: s
     clf = Classifier(onnx_path)
     info = clf.info
     images, labels = load_split(data_dir, "test")
+    short = read_facts(data_dir).short_classes
     metrics, per_class, probs = evaluate(clf, images, labels, json.loads(Path(run_path).read_text()))
     write_text(predictions, predictions_csv(labels, probs.argmax(1), info.class_names))
-    plot_report(info, read_history(live_dir), metrics, per_class["confusion_matrix"], plot)
-    plot_mistakes(info, images, labels, probs, mistakes)
+    plot_report(info, short, read_history(live_dir), metrics, per_class["confusion_matrix"], plot)
+    plot_mistakes(info, short, images, labels, probs, mistakes)
     sha256 = {Path(p).name: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in (onnx_path, ts_path)}
     write_text(card_path, model_card(Path(onnx_path).stem, info, per_class["accuracy"],
                                      json.loads(Path(parity_path).read_text()), sha256))

@@ -28,9 +28,10 @@ def read_json(path: Path) -> dict | None:
 
 def summary_table(reports_dir: str | Path, tuned: bool) -> str:
     """One row per reports/<dataset>/<arch>/metrics.json of the tuned or of the reference recipes, in data set
-    and registry order ("" when there is none)."""
+    order (the built-in ones first) and registry order ("" when there is none)."""
     rows = []
-    for dataset in DATASETS:
+    declared = sorted(p.name for p in Path(reports_dir).iterdir() if p.is_dir() and p.name not in DATASETS)
+    for dataset in [*DATASETS, *declared]:
         for arch, cls in MODELS.items():
             folder = Path(reports_dir) / dataset / arch
             if getattr(cls, "tuned", False) != tuned or not (folder / "metrics.json").exists():
@@ -52,7 +53,7 @@ def summary(reports_dir: str | Path) -> str:
 @stage_command
 def main(reports: str, out: str) -> None:
     text = summary(reports)
-    write_text(out, "# Models\n\nTest-set figures on the 10,000 test images, written by `dvc repro` "
+    write_text(out, "# Models\n\nTest-set figures on each data set's test images, written by `dvc repro` "
                     "(pipeline/stages/summary.py).\n\n" + text)
     print(text, end="")
 

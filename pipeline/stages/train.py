@@ -10,8 +10,7 @@ import click
 from dvclive import Live
 
 from pipeline import distributed
-from pipeline.common import stage_command, write_json
-from pipeline.datasets import DATASETS
+from pipeline.common import PipelineError, stage_command, write_json
 from pipeline.models import MODELS, save_checkpoint
 from pipeline.params import PARAMS_FILE, load_params
 from pipeline.training import EPOCH_METRICS, train
@@ -20,7 +19,7 @@ from pipeline.training import EPOCH_METRICS, train
 @click.command(help="Train one architecture on one data set with the recipe in params.yaml. With "
                     f"${distributed.PROCESSES_ENV}=N (N > 1), or started by torchrun, N data-parallel processes "
                     "train it (docs/scale.md); rank 0 writes.")
-@click.option("--dataset", required=True, type=click.Choice(list(DATASETS)))
+@click.option("--dataset", required=True, help="A data set's name in params.yaml.")
 @click.option("--arch", required=True, type=click.Choice(list(MODELS)))
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder written by the data stage.")
@@ -34,6 +33,8 @@ from pipeline.training import EPOCH_METRICS, train
 @stage_command
 def main(dataset: str, arch: str, data_dir: str, out: str, live_dir: str, run_path: str, params_file: str) -> None:
     params = load_params(params_file)
+    if dataset not in params.datasets:
+        raise PipelineError(f"{params_file}: no data set {dataset!r}; declared: {', '.join(params.datasets)}")
     at, processes = distributed.ranks(), distributed.requested()
     if processes > 1 and at.world == 1:  # TRAIN_PROCESSES: this stage again, as that many processes under torchrun
         cmd = distributed.torchrun_command(processes, sys.argv[1:])

@@ -1,0 +1,52 @@
+"""One declared data set into the form every stage reads: IDX files and dataset.json (DataFacts), written whole or
+not at all. A built-in one is fetched and verified; a folder of images is read once (pipeline/folders.py)."""
+from __future__ import annotations
+
+import os
+
+from digitlens.files import atomic_dir
+from pipeline.common import PipelineError
+from pipeline.datasets import DataFacts, dataset_info, label_counts, pixel_stats, write_facts
+from pipeline.download import fetch_into
+from pipeline.folders import FolderReport, write_folder
+from pipeline.params import DatasetParams
+
+
+def prepare_dataset(name: str, ds: DatasetParams, out_dir: str | os.PathLike, log=print) -> DataFacts:
+    """Read the data set `name` declared as `ds` into `out_dir`; its facts (classes, counts per split and class,
+    pixel statistics, what was converted or skipped)."""
+    with atomic_dir(out_dir) as folder:
+        if ds.source == "builtin":
+            fetch_into(name, folder, log)
+            info = dataset_info(name)
+            classes, short, report = info.classes, info.short_classes, FolderReport(info.classes)
+        else:
+            log(f"{name}: reading {ds.path} ...")
+            report = write_folder(ds.path, folder, size=ds.size, channels=ds.channels, test_fraction=ds.test_fraction,
+                                  skip_bad=ds.skip_bad)
+            classes = short = report.classes
+        counts = label_counts(folder, classes)
+        empty = [c for c, n in counts["train"].items() if n == 0]
+        if empty:
+            raise PipelineError(f"{ds.path}: no training images left in class(es) {', '.join(empty)} after skipping "
+                                "bad files; nothing written")
+        mean, std = pixel_stats(folder)
+        facts = DataFacts(name=name, classes=classes, short_classes=short, size=ds.size, channels=ds.channels,
+                          mean=mean, std=std, counts=counts, sha256=report.sha256, converted=dict(report.converted),
+                          skipped=[list(s) for s in report.skipped], ignored=report.ignored)
+        write_facts(facts, folder)
+    return facts
+
+
+def describe(facts: DataFacts) -> list[str]:
+    """What the data stage tells: images per split and class, what was converted, skipped or ignored."""
+    lines = [f"{facts.name} {split}: {sum(per_class.values()):,} images; "
+             + ", ".join(f"{c} {n:,}" for c, n in per_class.items()) for split, per_class in facts.counts.items()]
+    if facts.converted or facts.skipped or facts.ignored:
+        form = f"{facts.size}x{facts.size} {'grey' if facts.channels == 1 else 'RGB'}"
+        lines.append(f"{facts.name}: converted to {form}: "
+                     + (", ".join(f"{n:,} by {what}" for what, n in sorted(facts.converted.items())) or "none")
+                     + f"; skipped (skip_bad): {len(facts.skipped):,}; not images, ignored: {facts.ignored:,}")
+        lines += [f"  skipped {path}: {why}" for path, why in facts.skipped[:20]]
+    lines.append(f"{facts.name}: pixel mean {facts.mean:.4f}, std {facts.std:.4f} (training images)")
+    return lines
