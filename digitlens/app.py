@@ -28,7 +28,7 @@ CANVAS_SIDE = 280  # pixels of the page's drawing area (index.html has it as {{C
 # a request on one thread, without spinning: requests, not operators, run in parallel.
 MAX_CONCURRENT = os.cpu_count() or 2
 SESSION_THREADS = 1
-JSON_BYTES_PER_IMAGE = IMAGE_SIZE**2 * 32  # room for 28x28 numbers of up to 31 characters each, and a comma
+JSON_BYTES_PER_NUMBER = 32  # room for a number of up to 31 characters, and a comma
 CLIENT_GONE = 499  # nginx's status for a client that closed the connection before its request was complete
 HEADERS = [(b"x-content-type-options", b"nosniff")]  # on every answer: browsers take each as the type it says
 PAGE_POLICY = ("default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src 'self' blob: data:; "
@@ -51,12 +51,14 @@ def load_models(config: ServeConfig) -> dict[str, Classifier]:
 
 
 class Images(BaseModel):
-    """The JSON request: arrays already in MNIST form, classified as they are (as `infer --raw`)."""
+    """The JSON request: arrays already in the model's form, classified as they are (as `infer --raw`)."""
 
     model_config = ConfigDict(json_schema_extra={"example": {"images": [[[0.0] * IMAGE_SIZE] * IMAGE_SIZE], "top_k": 3}})
-    images: list[list[list[StrictFloat]]] = Field(
-        min_length=1, description=f"{IMAGE_SIZE}x{IMAGE_SIZE} arrays, values in [0, 1], light on dark (MNIST form); "
-                                  "a wrong shape or value is that array's own error in the answer")
+    images: list[list[list[StrictFloat]] | list[list[list[StrictFloat]]]] = Field(
+        min_length=1, description=f"arrays of the model's input size ({IMAGE_SIZE}x{IMAGE_SIZE} for the MNIST and "
+                                  "Fashion-MNIST models: light on dark), values in [0, 1]: rows of grey values, or of "
+                                  "[r, g, b] for a colour model; a wrong shape or value is that array's own error in "
+                                  "the answer")
     top_k: int | None = Field(None, ge=1, strict=True, description="classes per image, most probable first (default 1)")
 
 
@@ -93,7 +95,8 @@ def images_json(body: bytes) -> Images:
 def validation_message(errors: list[dict]) -> str:
     """The first validation error in one line: 'where: what (got value)'."""
     err = errors[0]
-    where = ".".join(str(p) for p in err["loc"] if p not in ("body", "query")) or "body"
+    # a loc part with brackets names the member of a union (grey or colour arrays) that was tried, not a place
+    where = ".".join(str(p) for p in err["loc"] if p not in ("body", "query") and "[" not in str(p)) or "body"
     if where.endswith("top_k"):
         return f"top_k must be a positive integer (got {err.get('input')!r})"
     got = "" if err["type"] == "missing" else f" (got {one_line(repr(err.get('input')))[:80]})"
@@ -201,12 +204,17 @@ class DeadlineHttpTools(HttpToolsProtocol):
         super().connection_lost(exc)
 
 
-async def json_body(request: Request, limit: int) -> bytes:
+def json_bytes_per_image(clf: Classifier) -> int:
+    return clf.info.size**2 * clf.info.channels * JSON_BYTES_PER_NUMBER
+
+
+async def json_body(request: Request, limit: int, clf: Classifier) -> bytes:
     """The body, refused (413) past `limit`, which is tighter than the route's: JSON costs far more memory to
     parse than its bytes (8 MB of "[]," took 220 MB), so it is never read, let alone parsed, beyond it."""
-    arrays = limit // JSON_BYTES_PER_IMAGE
-    message = (f"a JSON body over {limit / MB:.3g} MB (room for {arrays} arrays of {IMAGE_SIZE}x{IMAGE_SIZE} numbers)"
-               if arrays else too_large(limit))
+    arrays, side = limit // json_bytes_per_image(clf), clf.info.size
+    shape = f"{side}x{side}" + ("x3" if clf.info.channels == 3 else "")
+    message = f"a JSON body over {limit / MB:.3g} MB (room for {arrays} arrays of {shape} numbers)" if arrays else \
+        too_large(limit)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, message)
@@ -321,7 +329,8 @@ def create_app(config: ServeConfig) -> FastAPI:
     ):
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "application/json":
-            body = images_json(await json_body(request, min(config.max_bytes, config.max_files * JSON_BYTES_PER_IMAGE)))
+            limit = min(config.max_bytes, config.max_files * json_bytes_per_image(clf))
+            body = images_json(await json_body(request, limit, clf))
             sources, names, raw, given = body.images, [f"images[{i}]" for i in range(len(body.images))], True, body.top_k
         elif kind == "multipart/form-data":
             if not files:

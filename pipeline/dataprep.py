@@ -43,10 +43,12 @@ def describe(facts: DataFacts) -> list[str]:
     lines = [f"{facts.name} {split}: {sum(per_class.values()):,} images; "
              + ", ".join(f"{c} {n:,}" for c, n in per_class.items()) for split, per_class in facts.counts.items()]
     if facts.converted or facts.skipped or facts.ignored:
-        form = f"{facts.size}x{facts.size} {'grey' if facts.channels == 1 else 'RGB'}"
-        lines.append(f"{facts.name}: converted to {form}: "
-                     + (", ".join(f"{n:,} by {what}" for what, n in sorted(facts.converted.items())) or "none")
-                     + f"; skipped (skip_bad): {len(facts.skipped):,}; not images, ignored: {facts.ignored:,}")
+        mode = "grey" if facts.channels == 1 else "RGB"
+        lines.append(f"{facts.name}: {facts.converted.get('size', 0):,} images resized to {facts.size}x{facts.size}, "
+                     f"{facts.converted.get('mode', 0):,} converted to {mode}; {len(facts.skipped):,} skipped as "
+                     f"undecodable (skip_bad); {facts.ignored:,} files ignored (not images by their suffix)")
         lines += [f"  skipped {path}: {why}" for path, why in facts.skipped[:20]]
+        if len(facts.skipped) > 20:
+            lines.append(f"  ... and {len(facts.skipped) - 20:,} more (dataset.json lists them all)")
     lines.append(f"{facts.name}: pixel mean {facts.mean:.4f}, std {facts.std:.4f} (training images)")
     return lines

@@ -54,21 +54,23 @@ def class_folders(folder: Path, root: Path) -> dict[str, Path]:
     return {p.name: inside(p, root) for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")}
 
 
-def images_in(folder: Path, root: Path, report: FolderReport) -> list[Path]:
-    """The image files under `folder` (by suffix, as `infer` tells them from others), sorted; others are counted."""
+def images_in(folder: Path, root: Path, report: FolderReport) -> list[tuple[str, Path]]:
+    """(name within `folder`, resolved path) of the image files under it (by suffix, as `infer` tells them from
+    others); others are counted."""
     files, suffixes = [], image_extensions()
     for p in sorted(folder.rglob("*")):
         if p.name.startswith(".") or p.is_dir():
             continue
         if p.suffix.lower() in suffixes:
-            files.append(inside(p, root))
+            files.append((p.relative_to(folder).as_posix(), inside(p, root)))
         else:
             report.ignored += 1
     return files
 
 
 def scan(root: str | os.PathLike, test_fraction: float) -> tuple[dict[str, list[tuple[Path, int]]], FolderReport]:
-    """{split: [(file, label)]} of a folder data set, and its report so far; refuses layouts that cannot train."""
+    """{split: [(file, label)]}, in file-name order, of a folder data set, and its report so far; refuses layouts
+    that cannot train."""
     root = Path(root).resolve()
     if not root.is_dir():
         raise PipelineError(f"{root}: no such folder")
@@ -84,7 +86,7 @@ def scan(root: str | os.PathLike, test_fraction: float) -> tuple[dict[str, list[
         raise PipelineError(f"{root}: {len(train_classes)} class folder(s) in {'it' if one_folder else 'train/'}; "
                             "a classifier needs at least 2")
     index = {name: i for i, name in enumerate(train_classes)}
-    splits: dict[str, list[tuple[Path, int]]] = {}
+    splits: dict[str, list[tuple[str, Path, int]]] = {}
     for split, folder in ({"train": root} if one_folder else split_dirs).items():
         classes = class_folders(folder, root)
         unknown = sorted(set(classes) - set(index))
@@ -96,7 +98,10 @@ def scan(root: str | os.PathLike, test_fraction: float) -> tuple[dict[str, list[
             files = images_in(class_dir, root, report)
             if split == "train" and not files:
                 raise PipelineError(f"{class_dir}: no images (.png, .jpg, ...) in this class folder")
-            splits[split] += [(f, index[name]) for f in files]
+            splits[split] += [(within, f, index[name]) for within, f in files]
+        # in file-name order across the classes (then by class): files named by their index in another data set's
+        # file, e.g. MNIST's written as 00000.png ..., come back in that order, so that both train alike
+        splits[split] = [(f, label) for _, f, label in sorted(splits[split], key=lambda it: (it[0], it[2]))]
     if one_folder:
         items = splits.pop("train")
         held = held_out(len(items), test_fraction)
