@@ -1,13 +1,15 @@
 """One declared data set into the form every stage reads: IDX files and dataset.json (DataFacts), written whole or
-not at all. A built-in one is fetched and verified; a folder of images is read once (pipeline/folders.py)."""
+not at all. A built-in one is fetched and verified, a declared IDX one verified and copied, a folder of images read
+once (pipeline/folders.py)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from digitlens.files import atomic_dir
 from pipeline.common import PipelineError
-from pipeline.datasets import DataFacts, dataset_info, label_counts, pixel_stats, write_facts
-from pipeline.download import fetch_into
+from pipeline.datasets import SPLITS, DataFacts, dataset_info, label_counts, load_split, pixel_stats, write_facts
+from pipeline.download import copy_idx, fetch_into
 from pipeline.folders import FolderReport, write_folder
 from pipeline.params import DatasetParams
 
@@ -20,6 +22,13 @@ def prepare_dataset(name: str, ds: DatasetParams, out_dir: str | os.PathLike, lo
             fetch_into(name, folder, log)
             info = dataset_info(name)
             classes, short, report = info.classes, info.short_classes, FolderReport(info.classes)
+        elif ds.source == "idx":
+            for file, expected in ds.sha256.items():
+                copy_idx(Path(ds.path), file, folder / file, expected)
+                log(f"{name}/{file}: verified")
+            check_idx(ds, folder)
+            classes = short = ds.classes
+            report = FolderReport(classes)
         else:
             log(f"{name}: reading {ds.path} ...")
             report = write_folder(ds.path, folder, size=ds.size, channels=ds.channels, test_fraction=ds.test_fraction,
@@ -36,6 +45,19 @@ def prepare_dataset(name: str, ds: DatasetParams, out_dir: str | os.PathLike, lo
                           skipped=[list(s) for s in report.skipped], ignored=report.ignored)
         write_facts(facts, folder)
     return facts
+
+
+def check_idx(ds: DatasetParams, folder: Path) -> None:
+    """A declared IDX data set's files hold images of its declared size and channels, labels of its classes."""
+    for split in ("train", "test"):
+        images, labels = load_split(folder, split)
+        form = (ds.size, ds.size) if ds.channels == 1 else (ds.size, ds.size, 3)
+        if images.shape[1:] != form:
+            raise PipelineError(f"{ds.path}: {SPLITS[split]} images are {'x'.join(map(str, images.shape[1:]))}; "
+                                f"declare the size and channels they have (size {ds.size}, channels {ds.channels})")
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(ds.classes)):
+            raise PipelineError(f"{ds.path}: {SPLITS[split]} labels run from {labels.min()} to {labels.max()}, but "
+                                f"{len(ds.classes)} classes are declared")
 
 
 def describe(facts: DataFacts) -> list[str]:

@@ -74,6 +74,10 @@ def label_counts(data_dir: str | os.PathLike, classes: list[str]) -> dict[str, d
     return counts
 
 
+IDX_FILES = tuple(f"{SPLITS[split]}-{kind}" for split in ("train", "test")
+                  for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"))  # a data set's four files, MNIST's names
+
+
 def dataset_info(name: str) -> DatasetInfo:
     if name not in DATASETS:
         raise PipelineError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")

@@ -24,6 +24,7 @@ DEFAULT_TIMEOUT = 300  # seconds for one file from one source, however slowly it
 READ_TIMEOUT = 60  # seconds one read may wait
 CHUNK = 2**20
 GZIP_OVERHEAD = 2**20  # a .gz is never much larger than its content: stored blocks add 5 bytes per 64 KB
+MAX_DECLARED_IDX = 2**31  # bytes a declared IDX data set's file may hold (EMNIST's largest: 0.7 GB)
 
 
 def mirror_source(mirror: str, dataset: str) -> str:
@@ -100,10 +101,10 @@ class Source:
         self.stream.close()
 
 
-def download(url: str, name: str, dest: Path, expected_sha256: str, timeout: float) -> None:
-    """Decompress the .gz at `url` into `dest` as it arrives, within the sizes an IDX file `name` can have,
-    and check the SHA-256 of its content."""
-    limit = idx_size(name)
+def download(url: str, name: str, dest: Path, expected_sha256: str, timeout: float, limit: int | None = None) -> None:
+    """Decompress the .gz at `url` into `dest` as it arrives, within `limit` bytes (by default the size a built-in
+    data set's IDX file `name` has), and check the SHA-256 of its content."""
+    limit = limit or idx_size(name)
     source = Source(url, limit + GZIP_OVERHEAD, timeout)
     digest, size = hashlib.sha256(), 0
     try:
@@ -139,6 +140,29 @@ def fetch_file(dataset: str, name: str, dest: str | os.PathLike = os.devnull) ->
         except Exception as e:  # noqa: BLE001 - every failure moves on to the next source
             tried.append(f"{source}{name}.gz ({' '.join(str(e).split()) or type(e).__name__})")  # one line
     raise PipelineError(f"{dataset}/{name}: no source worked; tried " + "; ".join(tried))
+
+
+def copy_idx(folder: Path, name: str, dest: Path, expected_sha256: str) -> None:
+    """Verify and copy the IDX file `name` of a declared data set from `folder`, where it is `name`.gz (as the
+    hosts of MNIST-like data sets serve them) or `name`, into `dest`, decompressed."""
+    gz, plain = folder / f"{name}.gz", folder / name
+    if not gz.is_file() and not plain.is_file():
+        raise PipelineError(f"{folder}: has neither {name}.gz nor {name}")
+    try:
+        if gz.is_file():
+            download(str(gz), name, dest, expected_sha256, download_timeout(), MAX_DECLARED_IDX)
+            return
+        digest, size = hashlib.sha256(), plain.stat().st_size
+        if size > MAX_DECLARED_IDX:
+            raise ValueError(f"{size:,} bytes, more than {MAX_DECLARED_IDX:,}; refused")
+        with open(plain, "rb") as src, open(dest, "wb") as out:
+            while chunk := src.read(CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != expected_sha256:
+            raise ValueError(f"SHA-256 of {name} is {digest.hexdigest()}, expected {expected_sha256}")
+    except (OSError, ValueError, TimeoutError) as e:
+        raise PipelineError(f"{gz if gz.is_file() else plain}: {' '.join(str(e).split())}") from None
 
 
 def fetch(dataset: str, out_dir: str | os.PathLike, log=print) -> None:

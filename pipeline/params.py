@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from digitlens.metadata import GREY_ONLY, IMAGE_SIZE, PREPROCESSING, SIZES
 from digitlens.text import first_line
 from pipeline.common import PipelineError
-from pipeline.datasets import DATASETS, REGISTRY_FILE, SPLIT_SIZES
+from pipeline.datasets import DATASETS, IDX_FILES, REGISTRY_FILE, SPLIT_SIZES
 
 PARAMS_FILE = "params.yaml"
 MAX_PARAMS_BYTES = 2**20
@@ -123,10 +123,14 @@ class DatasetParams(Strict):
     """One data set: where its images come from, their form, what keeps their labels, how users' images are
     prepared (docs/datasets.md)."""
 
-    source: Literal["builtin", "folder"]  # builtin: MNIST or Fashion-MNIST, downloaded; folder: a folder of images
+    # builtin: MNIST or Fashion-MNIST, downloaded; folder: a folder of images; idx: the four IDX files of an
+    # MNIST-like data set (KMNIST, EMNIST ...), e.g. fetched with `dvc import-url`
+    source: Literal["builtin", "folder", "idx"]
     # the data stage's input, which DVC watches: the folder (inside the project), or for a built-in data set the
     # module with its URLs and checksums
     path: str = Field(min_length=1)
+    classes: list[str] | None = None  # idx: the class names in label order (a folder's are its sub-folders' names)
+    sha256: dict[str, str] | None = None  # idx: SHA-256 of each of the four decompressed files
     prefix: str | None = None  # of its models' names (artifacts/<prefix><arch>.onnx); default "<name>-"
     size: int = Field(IMAGE_SIZE, ge=SIZES[0], le=SIZES[1])  # images are brought to size x size pixels
     channels: Literal[1, 3] = 1  # grey or colour (RGB)
@@ -163,6 +167,20 @@ class DatasetParams(Strict):
     def grey_preprocessing(self) -> DatasetParams:
         if self.preprocess in GREY_ONLY and self.channels != 1:
             raise ValueError(f"preprocess: {self.preprocess} makes grey images; with channels 3 use plain")
+        return self
+
+    @model_validator(mode="after")
+    def idx_declared(self) -> DatasetParams:
+        if self.source != "idx":
+            if self.classes is not None or self.sha256 is not None:
+                raise ValueError(f"classes and sha256: for source idx only ({self.source} data sets have theirs)")
+            return self
+        if self.classes is None or len(self.classes) < 2 or len(set(self.classes)) < len(self.classes) \
+                or len(self.classes) > 256 or not all(c.strip() for c in self.classes):
+            raise ValueError("classes: the class names in label order, 2 to 256 distinct non-empty names")
+        if self.sha256 is None or sorted(self.sha256) != sorted(IDX_FILES) \
+                or not all(re.fullmatch(r"[0-9a-f]{64}", h) for h in self.sha256.values()):
+            raise ValueError(f"sha256: the SHA-256 (64 hex digits) of each of {', '.join(IDX_FILES)} (decompressed)")
         return self
 
 

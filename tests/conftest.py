@@ -209,6 +209,15 @@ def get(url: str, timeout: float = 5) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
+def post(url: str, files: list[tuple[str, bytes]] | None = None, json: object = None,
+         timeout: float = 60) -> tuple[int, object]:
+    """(status, parsed JSON answer) of a POST of image files (multipart, field 'files') or of a JSON body."""
+    import httpx2
+
+    r = httpx2.post(url, files=[("files", f) for f in files] if files else None, json=json, timeout=timeout)
+    return r.status_code, r.json()
+
+
 def process_tree(pid: int) -> list[int]:
     """`pid` and every process below it."""
     import psutil

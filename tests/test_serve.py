@@ -26,7 +26,7 @@ from digitlens.app import create_app
 from digitlens.classifier import Classifier  # noqa: E402
 from digitlens.serve import ServeConfig, main  # noqa: E402
 from pipeline.datasets import load_split  # noqa: E402
-from tests.conftest import get, process_tree, serve_process  # noqa: E402
+from tests.conftest import get, post, process_tree, serve_process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 300_000  # bytes per request in these tests
@@ -440,13 +440,6 @@ def test_two_models_of_one_name_are_refused(digits_model, tmp_path):
 
 
 # --- a real server
-
-def post(url: str, files: list[tuple[str, bytes]], timeout: float = 60) -> tuple[int, object]:
-    import httpx2
-
-    r = httpx2.post(url, files=[("files", f) for f in files], timeout=timeout)
-    return r.status_code, r.json()
-
 
 def gone(pids: list[int]) -> bool:
     deadline = time.monotonic() + 10
