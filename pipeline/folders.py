@@ -59,10 +59,11 @@ def images_in(folder: Path, root: Path, report: FolderReport) -> list[tuple[str,
     others); others are counted."""
     files, suffixes = [], image_extensions()
     for p in sorted(folder.rglob("*")):
-        if p.name.startswith(".") or p.is_dir():
+        within = p.relative_to(folder)
+        if any(part.startswith(".") for part in within.parts) or p.is_dir():  # hidden files and folders
             continue
         if p.suffix.lower() in suffixes:
-            files.append((p.relative_to(folder).as_posix(), inside(p, root)))
+            files.append((within.as_posix(), inside(p, root)))
         else:
             report.ignored += 1
     return files

@@ -73,6 +73,8 @@ def test_mixed_sizes_and_modes_are_converted_and_counted_and_other_files_ignored
     Image.new("L", (50, 20), 90).save(tmp_path / "set" / "red" / "grey-wide.png")
     Image.new("RGBA", (32, 32), (255, 0, 0, 128)).save(tmp_path / "set" / "red" / "alpha.png")
     (tmp_path / "set" / "red" / "notes.txt").write_text("not an image")
+    (tmp_path / "set" / "red" / ".thumbnails").mkdir()  # hidden: neither read nor counted
+    Image.new("RGB", (8, 8)).save(tmp_path / "set" / "red" / ".thumbnails" / "t.png")
     report = read_folder(tmp_path / "set", tmp_path / "out", size=32, channels=3, test_fraction=0.25)
     assert report.converted == {"mode": 2, "size": 1} and report.ignored == 1
     assert sum(len(load_split(tmp_path / "out", split)[1]) for split in ("train", "test")) == 14
