@@ -22,9 +22,9 @@ ROW_FACTS = {"Experiment", "rev", "typ", "Created", "parent", "State", "Executor
 
 
 def model_table() -> dict[str, dict]:
-    """dvc.yaml's name -> {dataset, arch} table."""
-    with open("dvc.yaml") as f:
-        return yaml.safe_load(f)["vars"][0]["models"]
+    """params.yaml's name -> {dataset, arch} table of the models dvc.yaml trains."""
+    with open("params.yaml") as f:
+        return yaml.safe_load(f)["models"]
 
 
 def column(row: dict, path: str, key: str):

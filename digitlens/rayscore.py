@@ -126,7 +126,7 @@ def write(batches: Iterator, out: Path, fmt: str) -> tuple[int, int]:
 @click.option("--batch-size", default=BATCH_SIZE, show_default=True, type=click.IntRange(min=1),
               help="Images per batch that an actor decodes and classifies at once.")
 @click.option("--top-k", default=1, show_default=True, type=click.IntRange(min=1), help="Classes to report per image.")
-@click.option("--raw", is_flag=True, help="The images are already 28x28, light on dark (MNIST-style).")
+@click.option("--raw", is_flag=True, help="The images are already in the model's form (the MNIST models': 28x28, light on dark).")
 @click.version_option(package_name=DISTRIBUTION, prog_name="infer-ray")
 def main(images, model_path, out, files_from, address, actors, batch_size, top_k, raw) -> None:
     fmt = OUT_FORMATS.get(out.suffix.lower())
