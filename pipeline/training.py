@@ -110,9 +110,11 @@ def fit(model, recipe: Recipe, train_x, train_y, val_x, val_y, *, seed: int, eva
     optimizer = make_optimizer(model, recipe)
     plateau = per_batch = None
     if isinstance(recipe.scheduler, OneCycle):
-        steps = batches_per_epoch(len(train_x), recipe.batch_size, recipe.drop_last)
+        steps = batches_per_epoch(len(train_x), recipe.batch_size, recipe.drop_last) * recipe.epochs
+        # the warm-up must span 2 steps at least (fewer divide by zero in torch): a quick run on a few hundred
+        # images gets the schedule's start only
         per_batch = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=recipe.lr, epochs=recipe.epochs, steps_per_epoch=steps,
+            optimizer, max_lr=recipe.lr, total_steps=max(steps, math.ceil(2 / recipe.scheduler.pct_start)),
             **recipe.scheduler.model_dump(exclude={"kind"}))
     elif recipe.scheduler is not None:
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **recipe.scheduler.model_dump())

@@ -194,3 +194,13 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
         load_checkpoint(tmp_path / "bad.pt")
     with pytest.raises(PipelineError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_one_cycle_schedule_on_a_few_batches(params):
+    """A quick run on a small data set leaves the tuned recipe a handful of steps: the one-cycle schedule still
+    runs (torch divides by zero when its warm-up spans under 2 steps)."""
+    recipe = params.recipe("tuned_cnn").model_copy(update={"epochs": 1})
+    x, y = torch.rand(520, 1, 16, 16), torch.arange(520) % 3  # 4 batches of 128: a warm-up of 1 step
+    model = create_model("tuned_cnn", num_classes=3, size=16, **recipe.model_args)
+    history = tr.fit(model, recipe, x, y, x[:50], y[:50], seed=0, eval_batch_size=50, log=lambda msg: None)
+    assert len(history) == 1 and history[0]["lr"] > 0
