@@ -55,7 +55,7 @@ def training_throughput(params: Params, dataset: str, arch: str, data_dir: Path,
         full_fp32()  # as training: "fp32" is IEEE float32, not TF32
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    loader = DataLoader(reference_dataset(dataset, data_dir, True, reference_transform(params, dataset, arch)),
+    loader = DataLoader(reference_dataset(dataset, data_dir, True, reference_transform(params, dataset, arch, stats)),
                         batch_size=recipe.batch_size, shuffle=True, drop_last=recipe.drop_last)
     generator = torch.Generator().manual_seed(params.seed)
 

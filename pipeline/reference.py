@@ -22,11 +22,12 @@ def reference_dataset(dataset: str, data_dir: str | Path, train: bool, transform
     return local(root=str(data_dir), train=train, transform=transform, download=False)
 
 
-def reference_transform(params: Params, dataset: str, arch: str) -> transforms.Compose:
-    """ToTensor (+ Normalize) (+ RandomHorizontalFlip), per sample, as the reference recipes' scripts do."""
+def reference_transform(params: Params, dataset: str, arch: str, stats: tuple[float, float]) -> transforms.Compose:
+    """ToTensor (+ Normalize with the data set's pixel `stats`) (+ RandomHorizontalFlip), per sample, as the
+    reference recipes' scripts do."""
     steps = [transforms.ToTensor()]
     if params.recipes[arch].normalize:
-        steps.append(transforms.Normalize(*([v] for v in params.normalization(dataset, arch))))
+        steps.append(transforms.Normalize(*([v] for v in params.normalization(arch, stats))))
     if params.hflip(dataset, arch):
         steps.append(transforms.RandomHorizontalFlip())
     return transforms.Compose(steps)

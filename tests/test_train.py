@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from pipeline import datasets
 from pipeline import training as tr
 from pipeline.common import PipelineError
-from pipeline.datasets import load_split, split_validation
+from pipeline.datasets import load_split, pixel_stats, split_validation
 from pipeline.models import create_model, list_models, load_checkpoint, save_checkpoint
 from pipeline.params import OneCycle
 from pipeline.reference import reference_dataset, reference_train_steps, reference_transform
@@ -29,7 +29,8 @@ def test_epoch_batches_cover_a_permutation():
 def test_fast_loop_matches_reference_loop(arch, params, data_root):
     """Same model, same permutation: the tensor loop and the reference DataLoader loop take the same steps."""
     recipe = params.recipe(arch)
-    mean, std = params.normalization("mnist", arch)
+    stats = pixel_stats(data_root / "mnist")
+    mean, std = params.normalization(arch, stats)
     images, labels = load_split(data_root / "mnist", "train")
     x, y = to_inputs(images, mean, std, torch.device("cpu")), torch.from_numpy(labels)
     steps = 5
@@ -38,7 +39,7 @@ def test_fast_loop_matches_reference_loop(arch, params, data_root):
     torch.manual_seed(0)
     ours = create_model(arch, **recipe.model_args)
     theirs = copy.deepcopy(ours)
-    dataset = reference_dataset("mnist", data_root / "mnist", True, reference_transform(params, "mnist", arch))
+    dataset = reference_dataset("mnist", data_root / "mnist", True, reference_transform(params, "mnist", arch, stats))
     loader = torch.utils.data.DataLoader(dataset, batch_size=recipe.batch_size, sampler=torch.cat(batches).tolist(),
                                          generator=torch.Generator())  # keeps the global RNG for dropout
 
@@ -70,7 +71,7 @@ def test_bf16_autocast_trains_like_fp32(arch, params, data_root):
     if isinstance(recipe.scheduler, OneCycle):  # its first epoch starts at lr / div_factor, not at the peak
         recipe = recipe.model_copy(update={"lr": recipe.lr / recipe.scheduler.div_factor})
     images, labels = load_split(data_root / "mnist", "train")
-    x, y = to_inputs(images[:1000], *params.normalization("mnist", arch), torch.device("cpu")), \
+    x, y = to_inputs(images[:1000], *params.normalization(arch, pixel_stats(data_root / "mnist")), torch.device("cpu")), \
         torch.from_numpy(labels[:1000])
     torch.manual_seed(0)
     fp32 = create_model(arch, **recipe.model_args)
