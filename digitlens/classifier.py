@@ -103,8 +103,8 @@ class Classifier:
             self.info = ModelInfo.from_metadata(self.metadata())
         except MetadataError as e:
             if assume is None:
-                raise ModelError(f"{e}; for a model without this project's metadata, assume 'digit' or "
-                                 "'fashion' preprocessing (infer --assume)") from None
+                raise ModelError(f"{e}; for a model without this project's metadata, assume 'digit', 'fashion' "
+                                 "or 'plain' preprocessing (infer --assume)") from None
             self.info = self._assumed(assume, shape)
         if self.info.preprocess not in PREPROCESSORS:
             raise ModelError(f"model metadata names unknown preprocessing {self.info.preprocess!r}")

@@ -39,6 +39,10 @@ def prepare_dataset(name: str, ds: DatasetParams, out_dir: str | os.PathLike, lo
         if empty:
             raise PipelineError(f"{ds.path}: no training images left in class(es) {', '.join(empty)} after skipping "
                                 "bad files; nothing written")
+        for split in ("val", "test"):
+            if split in counts and not sum(counts[split].values()):
+                raise PipelineError(f"{ds.path}: no {split} images (a {split}/ folder whose class folders are empty, "
+                                    "or too few images for test_fraction); nothing written")
         mean, std = pixel_stats(folder)
         facts = DataFacts(name=name, classes=classes, short_classes=short, size=ds.size, channels=ds.channels,
                           mean=mean, std=std, counts=counts, sha256=report.sha256, converted=dict(report.converted),

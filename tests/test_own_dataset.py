@@ -108,6 +108,16 @@ def test_a_folders_own_val_split_is_the_validation_set(tmp_path, params, monkeyp
     assert "(90 images, 24 for validation)" in lines[0]  # all of train/ trains, val/ validates
 
 
+def test_a_test_split_without_images_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_shapes(tmp_path / "set", train=3, test=1)
+    for image in (tmp_path / "set" / "test").rglob("*.png"):
+        image.unlink()
+    with pytest.raises(PipelineError, match="set: no test images"):
+        prepare_dataset("set", DatasetParams(**SHAPES | {"path": "set"}), tmp_path / "data", log=lambda msg: None)
+    assert not (tmp_path / "data").exists()
+
+
 def test_the_data_stage_refuses_a_corrupt_image_in_one_line_and_writes_nothing(tmp_path):
     write_shapes(tmp_path / "data-raw" / "shapes", train=4, test=2)
     (tmp_path / "data-raw" / "shapes" / "train" / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
