@@ -32,20 +32,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def own_folder(path: str | os.PathLike) -> Path:
+    """`path` as a Path; ValueError if replacing it would delete the working folder (`.`, `..`, '', one above)."""
+    path = Path(path)
+    if path.name in ("", ".", "..") or Path.cwd().resolve().is_relative_to(path.resolve()):
+        raise ValueError(f"{path}: the working folder or one above it; give a folder of its own to write")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` (and whatever was there), on error it
-    is removed: the folder appears whole or not at all."""
-    path = Path(path)
+    is removed: the folder appears whole or not at all. The old one is renamed aside before the new one takes its
+    name, and only then deleted."""
+    path = own_folder(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name[:64]}.", dir=path.parent))
+    old = staging.with_name(staging.name + ".old")
     try:
         staging.chmod(0o777 & ~umask())  # mkdtemp made it 0700; the folder gets the mode any other would
         yield staging
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
+        if path.exists() or path.is_symlink():
+            os.replace(path, old)
         os.replace(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        elif old.exists() or old.is_symlink():
+            old.unlink()

@@ -56,7 +56,8 @@ def decode(data: bytes) -> Image.Image:
         raise ImageError(f"not an image in a supported format ({', '.join(FORMATS)})") from None
     except ImageError:
         raise
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError, TypeError, KeyError, IndexError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError, TypeError, KeyError, IndexError,
+            OverflowError) as e:
         raise ImageError(f"truncated or corrupt {kind} ({first_line(e)})") from None
 
 
@@ -250,6 +251,8 @@ def pixels(img: Image.Image, size: int, channels: int) -> np.ndarray:
     preprocessing brings users' images to the same form."""
     mode = MODES[channels]
     try:
+        if img.mode.startswith("I") or img.mode == "F":  # 16- and 32-bit integers, floats: scaled, not clipped
+            img = Image.fromarray(np.round(to_grey(img) * 255).astype(np.uint8), "L")
         if img.mode != mode:
             if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
                 img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))

@@ -76,7 +76,8 @@ def check_model_file(path: Path):
     except OSError as e:
         raise ModelError(f"cannot read it ({e.strerror})") from None
     except Exception as e:  # noqa: BLE001 - protobuf raises several types for files that are not ONNX
-        raise ModelError(f"not an ONNX model ({first_line(e)})") from None
+        hint = "; give the exported .onnx file (artifacts/<name>.onnx)" if path.suffix.lower() != ".onnx" else ""
+        raise ModelError(f"not an ONNX model ({first_line(e)}){hint}") from None
     if not proto.graph.node:
         raise ModelError("not an ONNX model (no graph)")
     if st.st_size + external_data_size(proto, path.parent) > MAX_MODEL_BYTES:

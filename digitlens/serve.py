@@ -61,7 +61,7 @@ def log_config(logger: str) -> dict:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]},
                help="Serve exported ONNX models over HTTP: a JSON API (/v1/models, /v1/models/NAME/predict), "
                     "health checks (/healthz, /readyz), the OpenAPI schema (/openapi.json) and a page to draw "
-                    "digits on (/). A model's name is its file name without .onnx.")
+                    "digits on or drop images onto (/). A model's name is its file name without .onnx.")
 @click.option("--model", "models", required=True, multiple=True, type=click.Path(path_type=Path),
               help="An exported .onnx file; repeat for several models.")
 @click.option("--host", default="127.0.0.1", show_default=True,

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from digitlens.files import atomic_path
+from digitlens.text import first_line, one_line, shown
 
 
 class PipelineError(Exception):
@@ -46,9 +47,10 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def stage_command(fn: Callable) -> Callable:
-    """Turn PipelineError into click's one-line 'Error: ...' and exit status 1; SIGTERM and SIGINT into Stopped,
-    raised where the stage is (its clean-ups run), then 'Error: stopped by SIGTERM; nothing written' and the
-    shell's status for the signal (128 + its number)."""
+    """Turn PipelineError, and an OSError of the file system (disk full, no permission, a name too long), into
+    click's one-line 'Error: ...' (line breaks in file names escaped) and exit status 1; SIGTERM and SIGINT into
+    Stopped, raised where the stage is (its clean-ups run), then 'Error: stopped by SIGTERM; nothing written' and
+    the shell's status for the signal (128 + its number)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -56,7 +58,10 @@ def stage_command(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except PipelineError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(one_line(shown(str(e)))) from None
+        except OSError as e:
+            where = f"{shown(e.filename)}: " if e.filename else ""
+            raise click.ClickException(one_line(f"{where}{e.strerror or first_line(e)}; nothing written")) from None
         except Stopped as e:
             click.echo(f"Error: stopped by {e}; nothing written", err=True)
             sys.exit(128 + signal.Signals[str(e)])

@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from digitlens.files import atomic_dir
+import numpy as np
+
+from digitlens.files import atomic_dir, own_folder
 from pipeline.common import PipelineError
 from pipeline.datasets import SPLITS, DataFacts, dataset_info, label_counts, load_split, pixel_stats, write_facts
 from pipeline.download import copy_idx, fetch_into
@@ -17,6 +19,13 @@ from pipeline.params import DatasetParams
 def prepare_dataset(name: str, ds: DatasetParams, out_dir: str | os.PathLike, log=print) -> DataFacts:
     """Read the data set `name` declared as `ds` into `out_dir`; its facts (classes, counts per split and class,
     pixel statistics, what was converted or skipped)."""
+    try:
+        out = own_folder(out_dir).resolve()
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
+    source = Path(ds.path).resolve()
+    if out == source or out.is_relative_to(source) or source.is_relative_to(out):
+        raise PipelineError(f"{out_dir}: is, holds or is inside the data set's own {ds.path}; write elsewhere")
     with atomic_dir(out_dir) as folder:
         if ds.source == "builtin":
             fetch_into(name, folder, log)
@@ -31,7 +40,8 @@ def prepare_dataset(name: str, ds: DatasetParams, out_dir: str | os.PathLike, lo
             report = FolderReport(classes)
         else:
             log(f"{name}: reading {ds.path} ...")
-            report = write_folder(ds.path, folder, size=ds.size, channels=ds.channels, test_fraction=ds.test_fraction,
+            report = write_folder(ds.path, folder, size=ds.image_size, channels=ds.channels,
+                                  test_fraction=ds.test_fraction,
                                   skip_bad=ds.skip_bad)
             classes = short = report.classes
         counts = label_counts(folder, classes)
@@ -44,7 +54,8 @@ def prepare_dataset(name: str, ds: DatasetParams, out_dir: str | os.PathLike, lo
                 raise PipelineError(f"{ds.path}: no {split} images (a {split}/ folder whose class folders are empty, "
                                     "or too few images for test_fraction); nothing written")
         mean, std = pixel_stats(folder)
-        facts = DataFacts(name=name, classes=classes, short_classes=short, size=ds.size, channels=ds.channels,
+        facts = DataFacts(name=name, classes=classes, short_classes=short, size=ds.image_size,
+                          channels=ds.channels,
                           mean=mean, std=std, counts=counts, sha256=report.sha256, converted=dict(report.converted),
                           skipped=[list(s) for s in report.skipped], ignored=report.ignored)
         write_facts(facts, folder)
@@ -55,10 +66,14 @@ def check_idx(ds: DatasetParams, folder: Path) -> None:
     """A declared IDX data set's files hold images of its declared size and channels, labels of its classes."""
     for split in ("train", "test"):
         images, labels = load_split(folder, split)
-        form = (ds.size, ds.size) if ds.channels == 1 else (ds.size, ds.size, 3)
+        if images.dtype != np.uint8:
+            raise PipelineError(f"{ds.path}: {SPLITS[split]} images are {images.dtype}; IDX data sets of bytes (0-255) "
+                                "only")
+        side = ds.image_size
+        form = (side, side) if ds.channels == 1 else (side, side, 3)
         if images.shape[1:] != form:
             raise PipelineError(f"{ds.path}: {SPLITS[split]} images are {'x'.join(map(str, images.shape[1:]))}; "
-                                f"declare the size and channels they have (size {ds.size}, channels {ds.channels})")
+                                f"declare the image_size and channels they have (image_size {side}, channels {ds.channels})")
         if len(labels) and (labels.min() < 0 or labels.max() >= len(ds.classes)):
             raise PipelineError(f"{ds.path}: {SPLITS[split]} labels run from {labels.min()} to {labels.max()}, but "
                                 f"{len(ds.classes)} classes are declared")
@@ -72,7 +87,8 @@ def describe(facts: DataFacts) -> list[str]:
         mode = "grey" if facts.channels == 1 else "RGB"
         lines.append(f"{facts.name}: {facts.converted.get('size', 0):,} images resized to {facts.size}x{facts.size}, "
                      f"{facts.converted.get('mode', 0):,} converted to {mode}; {len(facts.skipped):,} skipped as "
-                     f"undecodable (skip_bad); {facts.ignored:,} files ignored (not images by their suffix)")
+                     f"undecodable (skip_bad); {facts.ignored:,} file(s) not read (not images by their suffix, or outside the "
+                     "class folders)")
         lines += [f"  skipped {path}: {why}" for path, why in facts.skipped[:20]]
         if len(facts.skipped) > 20:
             lines.append(f"  ... and {len(facts.skipped) - 20:,} more (dataset.json lists them all)")

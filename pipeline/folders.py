@@ -24,6 +24,7 @@ from digitlens.errors import ImageError
 from digitlens.files import atomic_dir
 from digitlens.images import MODES, decode, image_extensions, pixels
 from digitlens.limits import read_encoded
+from digitlens.text import shown
 from pipeline.common import PipelineError
 from pipeline.datasets import SPLITS, held_out
 
@@ -37,30 +38,50 @@ class FolderReport:
     classes: list[str]
     converted: Counter = field(default_factory=Counter)  # "size" / "mode" -> images brought to the declared form
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) with skip_bad
-    ignored: int = 0  # files that are not images by their suffix
+    ignored: int = 0  # files not read: not images by their suffix, outside a class folder, linked folders
     sha256: dict[str, str] = field(default_factory=dict)  # written file -> SHA-256 of its content
 
 
 def inside(path: Path, root: Path) -> Path:
-    """`path` resolved, refused when a symlink leads outside `root`."""
-    resolved = path.resolve()
+    """`path` resolved, refused when a symlink leads outside `root` or in a loop."""
+    try:
+        resolved = path.resolve(strict=False)
+    except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError for a loop, later ones OSError
+        raise PipelineError(f"{path}: a symbolic link in a loop; remove it") from None
     if not resolved.is_relative_to(root):
         raise PipelineError(f"{path}: a symlink to {resolved}, outside the data set's folder {root}; refused")
     return resolved
 
 
 def class_folders(folder: Path, root: Path) -> dict[str, Path]:
-    """{class name: folder} of the visible sub-folders of `folder`."""
-    return {p.name: inside(p, root) for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+    """{class name: folder} of the visible sub-folders of `folder`; a name that is not UTF-8 is refused (it would
+    be a class name in every model's metadata and answer)."""
+    classes = {p.name: inside(p, root) for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+    for name in classes:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PipelineError(f"{folder / shown(name)}: a class folder whose name is not UTF-8 text; rename it") from None
+    return classes
+
+
+def loose_files(folder: Path) -> int:
+    """Visible files directly in `folder`, outside any class folder: not read, counted."""
+    return sum(1 for p in folder.iterdir() if not p.name.startswith(".") and not p.is_dir())
 
 
 def images_in(folder: Path, root: Path, report: FolderReport) -> list[tuple[str, Path]]:
     """(name within `folder`, resolved path) of the image files under it (by suffix, as `infer` tells them from
-    others); others are counted."""
+    others); others are counted. Symbolic links to folders are not followed (counted; refused if they lead out)."""
     files, suffixes = [], image_extensions()
     for p in sorted(folder.rglob("*")):
         within = p.relative_to(folder)
-        if any(part.startswith(".") for part in within.parts) or p.is_dir():  # hidden files and folders
+        if any(part.startswith(".") for part in within.parts):  # hidden files and folders
+            continue
+        if p.is_dir():
+            if p.is_symlink():
+                inside(p, root)
+                report.ignored += 1
             continue
         if p.suffix.lower() in suffixes:
             files.append((within.as_posix(), inside(p, root)))
@@ -86,6 +107,7 @@ def scan(root: str | os.PathLike, test_fraction: float) -> tuple[dict[str, list[
     if len(train_classes) < 2:
         raise PipelineError(f"{root}: {len(train_classes)} class folder(s) in {'it' if one_folder else 'train/'}; "
                             "a classifier needs at least 2")
+    report.ignored += loose_files(root) + sum(loose_files(folder) for folder in split_dirs.values())
     index = {name: i for i, name in enumerate(train_classes)}
     splits: dict[str, list[tuple[str, Path, int]]] = {}
     for split, folder in ({"train": root} if one_folder else split_dirs).items():

@@ -132,7 +132,8 @@ class DatasetParams(Strict):
     classes: list[str] | None = None  # idx: the class names in label order (a folder's are its sub-folders' names)
     sha256: dict[str, str] | None = None  # idx: SHA-256 of each of the four decompressed files
     prefix: str | None = None  # of its models' names (artifacts/<prefix><arch>.onnx); default "<name>-"
-    size: int = Field(IMAGE_SIZE, ge=SIZES[0], le=SIZES[1])  # images are brought to size x size pixels
+    # images are brought to image_size x image_size pixels (not `size`: DVC's run cache ignores keys of that name)
+    image_size: int = Field(IMAGE_SIZE, ge=SIZES[0], le=SIZES[1])
     channels: Literal[1, 3] = 1  # grey or colour (RGB)
     test_fraction: float = Field(0.2, ge=0.05, le=0.5)  # a folder without test/: this share is the test split
     skip_bad: bool = False  # a folder's undecodable images: skipped and counted (else refused, the file named)
@@ -196,27 +197,60 @@ def check_datasets(v: dict[str, DatasetParams]) -> dict[str, DatasetParams]:
             if name not in DATASETS:
                 raise ValueError(f"{name}: source builtin is one of {', '.join(DATASETS)}; declare other data "
                                  "sets with source: folder")
-            if ds.path != REGISTRY_FILE or ds.size != IMAGE_SIZE or ds.channels != 1:
+            if ds.path != REGISTRY_FILE or ds.image_size != IMAGE_SIZE or ds.channels != 1:
                 raise ValueError(f"{name}: a built-in data set has path {REGISTRY_FILE} (its URLs and checksums), "
-                                 f"size {IMAGE_SIZE} and channels 1")
+                                 f"image_size {IMAGE_SIZE} and channels 1")
     return v
 
 
-class DatasetsOnly(BaseModel):
-    """The `datasets` section alone, checked as Params checks it: what the data stage reads."""
+class ModelEntry(Strict):
+    dataset: str
+    arch: str
+
+
+def model_name(datasets: dict[str, DatasetParams], dataset: str, arch: str) -> str:
+    prefix = datasets[dataset].prefix
+    return (f"{dataset}-" if prefix is None else prefix) + arch
+
+
+def check_models(datasets: dict[str, DatasetParams], models: dict[str, ModelEntry], archs: list[str]) -> None:
+    """No two data sets could name a model alike; each model of a declared data set and a known architecture
+    (`archs`), named by the data set's prefix and the architecture."""
+    taken: dict[str, str] = {}  # a model name any data set could give -> that data set
+    for name in datasets:
+        for arch in archs:
+            model = model_name(datasets, name, arch).lower()
+            if taken.setdefault(model, name) != name:
+                raise ValueError(f"datasets: {taken[model]} and {name} would both name a model {model!r} "
+                                 "(artifacts/<prefix><arch>.onnx); give one of them another prefix")
+    for model, entry in models.items():
+        if entry.dataset not in datasets:
+            raise ValueError(f"models.{model}: unknown data set {entry.dataset!r}; declared: {', '.join(datasets)}")
+        if entry.arch not in archs:
+            raise ValueError(f"models.{model}: unknown architecture {entry.arch!r}; allowed: {', '.join(archs)}")
+        if model != model_name(datasets, entry.dataset, entry.arch):
+            raise ValueError(f"models.{model}: name it {model_name(datasets, entry.dataset, entry.arch)} (its data "
+                             f"set's prefix and its architecture), or give datasets.{entry.dataset} that prefix")
+
+
+class Declared(BaseModel):
+    """The data sets and the models, checked as Params checks them, against the architectures the recipes name
+    (Params checks those are the registry's): what the data stage reads, without torch."""
 
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True, allow_inf_nan=False)
     datasets: dict[str, DatasetParams]
+    models: dict[str, ModelEntry]
+    recipes: dict[str, Any]
 
     @field_validator("datasets")
     @classmethod
     def known_datasets(cls, v: dict) -> dict:
         return check_datasets(v)
 
-
-class ModelEntry(Strict):
-    dataset: str
-    arch: str
+    @model_validator(mode="after")
+    def models_named_by_their_data_set(self) -> Declared:
+        check_models(self.datasets, self.models, list(self.recipes))
+        return self
 
 
 class DataParams(Strict):
@@ -282,22 +316,7 @@ class Params(Strict):
     def models_named_by_their_data_set(self) -> Params:
         from pipeline.models import MODELS
 
-        taken: dict[str, str] = {}  # a model name any data set could give -> that data set
-        for name in self.datasets:
-            for arch in MODELS:
-                model = self.model_name(name, arch).lower()
-                if taken.setdefault(model, name) != name:
-                    raise ValueError(f"datasets: {taken[model]} and {name} would both name a model {model!r} "
-                                     "(artifacts/<prefix><arch>.onnx); give one of them another prefix")
-        for model, entry in self.models.items():
-            if entry.dataset not in self.datasets:
-                raise ValueError(f"models.{model}: unknown data set {entry.dataset!r}; declared: "
-                                 f"{', '.join(self.datasets)}")
-            if entry.arch not in MODELS:
-                raise ValueError(f"models.{model}: unknown architecture {entry.arch!r}; allowed: {', '.join(MODELS)}")
-            if model != self.model_name(entry.dataset, entry.arch):
-                raise ValueError(f"models.{model}: name it {self.model_name(entry.dataset, entry.arch)} (its data set's "
-                                 f"prefix and its architecture), or give datasets.{entry.dataset} that prefix")
+        check_models(self.datasets, self.models, list(MODELS))
         return self
 
     @model_validator(mode="after")
@@ -334,8 +353,7 @@ class Params(Strict):
 
     def model_name(self, dataset: str, arch: str) -> str:
         """The name (artifact file stem) of `arch` trained on `dataset`: the data set's prefix, then the arch."""
-        prefix = self.datasets[dataset].prefix
-        return (f"{dataset}-" if prefix is None else prefix) + arch
+        return model_name(self.datasets, dataset, arch)
 
     def normalization(self, arch: str, stats: tuple[float, float]) -> tuple[float, float]:
         """(mean, std) the inputs of `arch` are standardised with: the data set's pixel statistics `stats` (the data
@@ -397,8 +415,8 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
 
 
 def load_dataset(name: str, path: str | Path = PARAMS_FILE) -> DatasetParams:
-    """The data set `name` as params.yaml declares it, without the rest of the file (nor torch)."""
-    declared = parse_params(read_params_file(path), str(path), DatasetsOnly).datasets
+    """The data set `name` as params.yaml declares it, its data sets and models checked (without torch)."""
+    declared = parse_params(read_params_file(path), str(path), Declared).datasets
     if name not in declared:
         raise PipelineError(f"{path}: no data set {name!r}; declared: {', '.join(declared)}")
     return declared[name]

@@ -75,8 +75,10 @@ def test_mixed_sizes_and_modes_are_converted_and_counted_and_other_files_ignored
     (tmp_path / "set" / "red" / "notes.txt").write_text("not an image")
     (tmp_path / "set" / "red" / ".thumbnails").mkdir()  # hidden: neither read nor counted
     Image.new("RGB", (8, 8)).save(tmp_path / "set" / "red" / ".thumbnails" / "t.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "set" / "stray.png")  # in no class folder: counted, not read
+    (tmp_path / "set" / "red" / "linked").symlink_to(tmp_path / "set" / "green")  # not followed: counted
     report = read_folder(tmp_path / "set", tmp_path / "out", size=32, channels=3, test_fraction=0.25)
-    assert report.converted == {"mode": 2, "size": 1} and report.ignored == 1
+    assert report.converted == {"mode": 2, "size": 1} and report.ignored == 3
     assert sum(len(load_split(tmp_path / "out", split)[1]) for split in ("train", "test")) == 14
 
 
@@ -88,6 +90,7 @@ def test_mixed_sizes_and_modes_are_converted_and_counted_and_other_files_ignored
     ("test-only-class", "class folder(s) purple are not in train/"),
     ("no-test", "has train/ but no test/"),
     ("symlink-out", "outside the data set's folder"),
+    ("folder-symlink-out", "outside the data set's folder"),
     ("bomb", "decompression bomb"),
 ])
 def test_bad_data_is_refused_with_the_file_named_and_nothing_written(tmp_path, data_root, case, message):
@@ -119,6 +122,10 @@ def test_bad_data_is_refused_with_the_file_named_and_nothing_written(tmp_path, d
         outside = tmp_path / "elsewhere.png"
         Image.new("L", (28, 28)).save(outside)
         os.symlink(outside, root / "train" / "3" / "link.png")
+    elif case == "folder-symlink-out":
+        (tmp_path / "elsewhere").mkdir()
+        Image.new("L", (28, 28)).save(tmp_path / "elsewhere" / "x.png")
+        os.symlink(tmp_path / "elsewhere", root / "train" / "3" / "more")
     elif case == "bomb":
         from tests.conftest import png_header_only
         (root / "train" / "3" / "bomb.png").write_bytes(png_header_only(20000, 20000))

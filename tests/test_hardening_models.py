@@ -70,8 +70,8 @@ def test_diverging_training_stops_in_one_line_and_writes_nothing(tmp_path, data_
 
 @pytest.mark.parametrize("change, error", [
     (lambda raw: raw["recipes"]["mlp"].update(lr=1e300), "recipes.mlp.lr: Input should be less than or equal to 100"),
-    (lambda raw: raw["datasets"].update(parts={"source": "folder", "path": "parts", "size": 12}),
-     "datasets.parts.size: Input should be greater than or equal to 16"),
+    (lambda raw: raw["datasets"].update(parts={"source": "folder", "path": "parts", "image_size": 12}),
+     "datasets.parts.image_size: Input should be greater than or equal to 16"),
 ])
 def test_knobs_that_cannot_train_are_refused_before_training(change, error):
     raw = copy.deepcopy(RAW)

@@ -25,7 +25,7 @@ from tests.conftest import ROOT, dvc, post, project_copy, quick_params, serve_pr
 
 pytestmark = pytest.mark.slow
 
-SHAPES = {"source": "folder", "path": "data-raw/shapes", "size": 32, "channels": 3, "preprocess": "plain",
+SHAPES = {"source": "folder", "path": "data-raw/shapes", "image_size": 32, "channels": 3, "preprocess": "plain",
           "flip_invariant": True, "pose_varies": True, "occlusion_invariant": True}
 SHAPE_MODELS = ("softmax", "cnn")
 
@@ -85,7 +85,8 @@ def test_an_idx_data_set_is_verified_against_its_declared_checksums(tmp_path, mi
     wrong = {
         "checksum": (ds.model_copy(update={"sha256": {**info.sha256, IDX_FILES[0]: "0" * 64}}),
                      f"train-images-idx3-ubyte.gz: SHA-256 of {IDX_FILES[0]} is "),
-        "size": (ds.model_copy(update={"size": 32}), "train images are 28x28; declare the size and channels they have"),
+        "size": (ds.model_copy(update={"image_size": 32}),
+                 "train images are 28x28; declare the image_size and channels they have"),
         "classes": (ds.model_copy(update={"classes": ["a", "b"]}), "train labels run from 0 to 9, but 2 classes"),
     }
     for case, (bad, message) in wrong.items():
@@ -106,6 +107,38 @@ def test_a_folders_own_val_split_is_the_validation_set(tmp_path, params, monkeyp
     train(quick_params(with_dataset(params, "set", ds), epochs=1, train_limit=None), "set", "mlp",
           tmp_path / "data", log=lines.append)
     assert "(90 images, 24 for validation)" in lines[0]  # all of train/ trains, val/ validates
+
+
+@pytest.mark.parametrize("out", [".", "", "..", "set", "set/data", "data/.."])
+def test_an_output_folder_that_would_delete_the_input_or_the_working_folder_is_refused(tmp_path, monkeypatch, out):
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work" if out == ".." else tmp_path)
+    write_shapes(tmp_path / "set", train=3, test=1)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(PipelineError, match="the working folder or one above it|is, holds or is inside the data set's"):
+        prepare_dataset("set", DatasetParams(**SHAPES | {"path": "set"}), out, log=lambda msg: None)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_shapes(tmp_path / "set", train=2, test=1)
+    ramp = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    Image.fromarray(ramp).save(tmp_path / "set" / "train" / "red" / "deep.png")  # mode I;16
+    Image.fromarray(ramp.astype(np.float32) / 65535).save(tmp_path / "set" / "train" / "red" / "float.tif")  # F
+    prepare_dataset("set", DatasetParams(**SHAPES | {"path": "set", "channels": 1}), tmp_path / "data",
+                    log=lambda msg: None)
+    images, _ = load_split(tmp_path / "data", "train")
+    ramps = [im for im in images if int(im[0, 0]) < 2 and int(im[-1, -1]) > 250]
+    assert len(ramps) == 2 and all(110 < im.mean() < 145 for im in ramps)  # black to white, mid-grey on average
+
+
+def test_a_symlink_loop_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_shapes(tmp_path / "set", train=2, test=1)
+    (tmp_path / "set" / "train" / "red" / "x.png").symlink_to("x.png")
+    with pytest.raises(PipelineError, match="x.png: a symbolic link in a loop; remove it"):
+        prepare_dataset("set", DatasetParams(**SHAPES | {"path": "set"}), tmp_path / "data", log=lambda msg: None)
 
 
 def test_a_test_split_without_images_is_refused(tmp_path, monkeypatch):
@@ -137,6 +170,18 @@ def test_the_data_stage_refuses_a_corrupt_image_in_one_line_and_writes_nothing(t
     assert result.returncode == 0 and "1 skipped as undecodable (skip_bad)" in result.stderr
     assert "skipped train/red/broken.png: not an image in a supported format" in result.stderr
     assert read_facts(tmp_path / "data" / "shapes").skipped[0][0] == "train/red/broken.png"
+    # a file where the output's parent folder belongs, and a file name with a line break in it: one line each
+    (tmp_path / "blocked").write_text("a file")
+    blocked = subprocess.run([*cmd[:-1], "blocked/shapes"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert blocked.returncode == 1 and blocked.stderr.splitlines()[-1].startswith("Error: blocked")
+    assert "Traceback" not in blocked.stderr and (tmp_path / "blocked").read_text() == "a file"
+    params["datasets"]["shapes"] = SHAPES
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "data-raw" / "shapes" / "train" / "red" / "broken.png").rename(
+        tmp_path / "data-raw" / "shapes" / "train" / "red" / "x\nError: fine.png")
+    forged = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert forged.returncode == 1 and len(forged.stderr.splitlines()) == 2  # "reading ...", the error, escaped
+    assert forged.stderr.splitlines()[1].startswith("Error: ") and "x\\nError: fine.png: not an image" in forged.stderr
 
 
 # ---------------------------------------------------------------- a colour data set through `dvc repro`

@@ -60,8 +60,8 @@ def test_epochs_override_replaces_every_recipe():
      "datasets: Value error, cifar: source builtin is one of mnist, fashion-mnist; declare other data sets with "
      "source: folder"),
     ("datasets.cifar", {"source": "folder"}, False, "datasets.cifar.path: Field required"),
-    ("datasets.mnist.size", 32, False, "a built-in data set has path pipeline/datasets.py (its URLs and checksums), "
-                                       "size 28 and channels 1"),
+    ("datasets.mnist.image_size", 32, False, "a built-in data set has path pipeline/datasets.py (its URLs and "
+                                             "checksums), image_size 28 and channels 1"),
     ("datasets.mnist.mean", 0.13, False, "datasets.mnist.mean: Extra inputs are not permitted"),
     ("datasets.mnist.prefix", "Big ", False, "datasets.mnist.prefix: Value error, 'Big ': lower-case letters"),
     ("models.cnn.arch", "resnet", False, "models.cnn: unknown architecture 'resnet'"),
