@@ -142,7 +142,7 @@ def run(clf: Classifier, files: list[str], report: Report, top_k: int, raw: bool
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(DEVICES),
               help="cuda needs onnxruntime-gpu; refused, not silently run on the CPU, when it is missing.")
 @click.option("--raw", is_flag=True, help="The images are already in the model's form (the MNIST models': 28x28, light on dark): "
-                                          "only convert them to grey, no inversion, cropping or centring.")
+                                          "only convert them to grey (or RGB), no inversion, cropping or centring.")
 @click.option("--assume", type=click.Choice(list(PREPROCESSORS)),
               help="For a model without this project's metadata: use this preprocessing, pixels in [0, 1] "
                    "without standardisation, and the output indices as class names.")

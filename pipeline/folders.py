@@ -5,7 +5,7 @@
 
 Class names are the sub-folder names of train (or of the one folder), sorted. Each image is decoded with the
 limits `infer` uses (digitlens.images.decode: formats, pixel count, decompression bombs), converted to grey or
-RGB and resized to size x size as `plain` preprocessing does (digitlens.images.pixels), and streamed into
+RGB and resized to image_size x image_size as `plain` preprocessing does (digitlens.images.pixels), and streamed into
 `<split>` IDX files: memory stays that of one image, whatever the number of files. Bad data is refused with the
 file named, or, with `skip_bad`, a file that cannot be decoded is skipped and counted.
 """
