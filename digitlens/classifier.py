@@ -109,8 +109,8 @@ class Classifier:
         if self.info.preprocess not in PREPROCESSORS:
             raise ModelError(f"model metadata names unknown preprocessing {self.info.preprocess!r}")
         if self.info.preprocess in GREY_ONLY and self.info.channels != 1:
-            raise ModelError(f"model metadata names {self.info.preprocess} preprocessing, which makes grey images, "
-                             f"for a model of {self.info.channels} channels")
+            raise ModelError(f"takes {self.info.channels} channels; {self.info.preprocess} preprocessing makes grey "
+                             "images" + (" (assume 'plain')" if assume else ""))
         expected = [self.info.channels, self.info.size, self.info.size]
         if shape[1:] != expected:
             raise ModelError(f"takes {shape}; its metadata says (batch, {', '.join(map(str, expected))})")
@@ -138,9 +138,6 @@ class Classifier:
                 or not SIZES[0] <= size <= SIZES[1]):
             raise ModelError(f"takes {shape}; expected (batch, 1 or 3, size, size) with a size from {SIZES[0]} to "
                              f"{SIZES[1]}")
-        if preprocess in GREY_ONLY and channels != 1:
-            raise ModelError(f"takes {channels} channels; {preprocess} preprocessing makes grey images "
-                             "(assume 'plain')")
         zeros = np.zeros((self.fixed_batch or 1, channels, size, size), np.float32)
         z = self._run(zeros, output)
         if z.ndim != 2:

@@ -233,24 +233,32 @@ def check_models(datasets: dict[str, DatasetParams], models: dict[str, ModelEntr
                              f"set's prefix and its architecture), or give datasets.{entry.dataset} that prefix")
 
 
-class Declared(BaseModel):
-    """The data sets and the models, checked as Params checks them, against the architectures the recipes name
-    (Params checks those are the registry's): what the data stage reads, without torch."""
+class DatasetsAndModels(BaseModel):
+    """The checks of the `datasets` and `models` sections, for the data stage's view of the file (Declared) and
+    for the whole file (Params), each of which declares the fields."""
 
-    model_config = ConfigDict(extra="ignore", strict=True, frozen=True, allow_inf_nan=False)
-    datasets: dict[str, DatasetParams]
-    models: dict[str, ModelEntry]
-    recipes: dict[str, Any]
+    def architectures(self) -> list[str]:
+        return list(self.recipes)
 
-    @field_validator("datasets")
+    @field_validator("datasets", check_fields=False)
     @classmethod
     def known_datasets(cls, v: dict) -> dict:
         return check_datasets(v)
 
     @model_validator(mode="after")
-    def models_named_by_their_data_set(self) -> Declared:
-        check_models(self.datasets, self.models, list(self.recipes))
+    def models_named_by_their_data_set(self) -> DatasetsAndModels:
+        check_models(self.datasets, self.models, self.architectures())
         return self
+
+
+class Declared(DatasetsAndModels):
+    """The data sets and the models, checked against the architectures the recipes name: what the data stage reads,
+    without torch (the rest of the file ignored)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True, allow_inf_nan=False)
+    datasets: dict[str, DatasetParams]
+    models: dict[str, ModelEntry]
+    recipes: dict[str, Any]
 
 
 class DataParams(Strict):
@@ -272,7 +280,8 @@ EVAL_BATCH = {"cpu": 100, "cuda": 5000}  # test-set images per forward pass: 100
                                          # wants thousands (kernel launches, not arithmetic, bound small batches)
 
 
-class Params(Strict):
+class Params(DatasetsAndModels):
+    model_config = Strict.model_config
     seed: int = Field(ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"]
     data: DataParams
@@ -283,10 +292,11 @@ class Params(Strict):
     # be the data set's prefix and the architecture (DVC's templating cannot join strings, so they are listed)
     models: dict[str, ModelEntry]
 
-    @field_validator("datasets")
-    @classmethod
-    def known_datasets(cls, v: dict) -> dict:
-        return check_datasets(v)
+    def architectures(self) -> list[str]:
+        """The registry's (the recipes are checked to be exactly these)."""
+        from pipeline.models import MODELS
+
+        return list(MODELS)
 
     @field_validator("recipes")
     @classmethod
@@ -311,13 +321,6 @@ class Params(Strict):
             if size > MAX_PARAMETERS:
                 raise ValueError(f"{name}.model_args: {size:,} parameters; the limit is {MAX_PARAMETERS:,}")
         return v
-
-    @model_validator(mode="after")
-    def models_named_by_their_data_set(self) -> Params:
-        from pipeline.models import MODELS
-
-        check_models(self.datasets, self.models, list(MODELS))
-        return self
 
     @model_validator(mode="after")
     def everything_covered(self) -> Params:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from digitlens import infer
 from digitlens.images import prepare
-from digitlens.metadata import INPUT_NAME, OUTPUT_NAME
+from digitlens.metadata import INPUT_NAME, OUTPUT_NAME, input_spec
 from pipeline.datasets import DATASETS, load_split
 from pipeline.drawings import SAVED_AS, draw
 from pipeline.models import list_models
@@ -233,6 +233,8 @@ BAD_MODELS = {  # name -> (writer(path, mnist, metadata), what the error says)
     "32x32.onnx": (lambda p, m, meta: tiny_onnx(p, ("batch", 1, 32, 32), meta), "its metadata says (batch, 1, 28, 28)"),
     "rgb.onnx": (lambda p, m, meta: tiny_onnx(p, ("batch", 3, 28, 28), meta), "its metadata says (batch, 1, 28, 28)"),
     "rank-3.onnx": (lambda p, m, meta: tiny_onnx(p, ("batch", 28, 28), meta), "expected one float tensor"),
+    "rgb-digit.onnx": (lambda p, m, meta: tiny_onnx(p, ("batch", 3, 28, 28), {**meta, "input": json.dumps(input_spec(3))}),
+                       "takes 3 channels; digit preprocessing makes grey images"),
     "no-metadata.onnx": (lambda p, m, meta: tiny_onnx(p), "(infer --assume)"),
     "outside.onnx": (lambda p, m, meta: tiny_onnx(p, metadata=meta, external="../weights.bin"),
                      "outside its own folder"),
