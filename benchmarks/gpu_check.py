@@ -91,7 +91,7 @@ def epoch_times(project: Path, device) -> None:
     host-device syncs the eager one made."""
     import torch
 
-    from pipeline.datasets import load_split, pixel_stats
+    from pipeline.datasets import load_split, read_facts
     from pipeline.models import create_model
     from pipeline.params import load_params
     from pipeline.tensors import amp_dtype, full_fp32, to_inputs
@@ -101,7 +101,8 @@ def epoch_times(project: Path, device) -> None:
     full_fp32()  # as training does on CUDA
     for dataset in ("mnist", "fashion-mnist"):
         images, labels = load_split(project / "data" / dataset, "train")
-        stats = pixel_stats(project / "data" / dataset)
+        facts = read_facts(project / "data" / dataset)  # as training reads them
+        stats = facts.mean, facts.std
         for arch in ("cnn", "tuned_cnn"):
             recipe, (mean, std) = params.recipe(arch), params.normalization(arch, stats)
             x = to_inputs(images, mean, std, device).contiguous(memory_format=torch.channels_last)

@@ -18,7 +18,7 @@ from digitlens.metadata import IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME, ModelInfo
 from digitlens.runtime import onnx_session
 from pipeline.common import stage_command, table, write_json
 from pipeline.conversion import to_onnx, to_torchscript
-from pipeline.datasets import DATASETS, dataset_info, load_split, pixel_stats
+from pipeline.datasets import DATASETS, dataset_info, load_split, read_facts
 from pipeline.models import MODELS, create_model
 from pipeline.params import Params, load_params
 from pipeline.reference import reference_dataset, reference_train_steps, reference_transform
@@ -44,7 +44,8 @@ def training_throughput(params: Params, dataset: str, arch: str, data_dir: Path,
                         steps: int, repeats: int) -> dict:
     """Images/s of the pipeline's loop and of the reference loop, alternated, medians over repeats."""
     recipe = params.recipe(arch)
-    stats = pixel_stats(data_dir)
+    facts = read_facts(data_dir)  # the data stage's pixel statistics, as training reads them
+    stats = facts.mean, facts.std
     mean, std = params.normalization(arch, stats)
     images, labels = load_split(data_dir, "train")
     x, y = to_inputs(images, mean, std, device), torch.from_numpy(labels).to(device)

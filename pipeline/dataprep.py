@@ -24,7 +24,7 @@ def prepare_dataset(name: str, ds: DatasetParams, out_dir: str | os.PathLike, lo
     except ValueError as e:
         raise PipelineError(str(e)) from None
     source = Path(ds.path).resolve()
-    if out == source or out.is_relative_to(source) or source.is_relative_to(out):
+    if out.is_relative_to(source) or source.is_relative_to(out):  # the same folder included
         raise PipelineError(f"{out_dir}: is, holds or is inside the data set's own {ds.path}; write elsewhere")
     with atomic_dir(out_dir) as folder:
         if ds.source == "builtin":
@@ -41,8 +41,7 @@ def prepare_dataset(name: str, ds: DatasetParams, out_dir: str | os.PathLike, lo
         else:
             log(f"{name}: reading {ds.path} ...")
             report = write_folder(ds.path, folder, size=ds.image_size, channels=ds.channels,
-                                  test_fraction=ds.test_fraction,
-                                  skip_bad=ds.skip_bad)
+                                  test_fraction=ds.test_fraction, skip_bad=ds.skip_bad)
             classes = short = report.classes
         counts = label_counts(folder, classes)
         empty = [c for c, n in counts["train"].items() if n == 0]
@@ -54,8 +53,7 @@ def prepare_dataset(name: str, ds: DatasetParams, out_dir: str | os.PathLike, lo
                 raise PipelineError(f"{ds.path}: no {split} images (a {split}/ folder whose class folders are empty, "
                                     "or too few images for test_fraction); nothing written")
         mean, std = pixel_stats(folder)
-        facts = DataFacts(name=name, classes=classes, short_classes=short, size=ds.image_size,
-                          channels=ds.channels,
+        facts = DataFacts(name=name, classes=classes, short_classes=short, size=ds.image_size, channels=ds.channels,
                           mean=mean, std=std, counts=counts, sha256=report.sha256, converted=dict(report.converted),
                           skipped=[list(s) for s in report.skipped], ignored=report.ignored)
         write_facts(facts, folder)
