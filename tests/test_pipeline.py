@@ -166,15 +166,17 @@ def test_a_queued_sweep_runs_in_parallel_workers_and_shows_in_exp_show(pushed):
     """The README's sweep: a grid queued with -S, two workers of one thread each, compared on validation figures
     in dvc exp show."""
     root, env = pushed
-    queued = dvc("exp", "run", "--queue", "-S", "recipes.tuned_cnn.lr=0.05,0.2", "train@tuned_cnn",
+    grid = (0.05, 0.1)  # as the README's; the committed lr must not be one of them, or its row would count too
+    assert yaml.safe_load((root / "params.yaml").read_text())["recipes"]["tuned_cnn"]["lr"] not in grid
+    queued = dvc("exp", "run", "--queue", "-S", f"recipes.tuned_cnn.lr={grid[0]},{grid[1]}", "train@tuned_cnn",
                  cwd=root, env=env)
     assert queued.returncode == 0, queued.stderr
     status = run_queue(root, env, workers=2)
     assert "Success" in status and "Failed" not in status, status
     shown = dvc("exp", "show", "--json", cwd=root, env=env)
     assert shown.returncode == 0, shown.stderr
-    rows = [r for r in experiments(json.loads(shown.stdout)) if r["params"]["recipes"]["tuned_cnn"]["lr"] in (0.05, 0.2)]
-    assert sorted(r["params"]["recipes"]["tuned_cnn"]["lr"] for r in rows) == [0.05, 0.2]
+    rows = [r for r in experiments(json.loads(shown.stdout)) if r["params"]["recipes"]["tuned_cnn"]["lr"] in grid]
+    assert sorted(r["params"]["recipes"]["tuned_cnn"]["lr"] for r in rows) == list(grid)
     for row in rows:
         metrics = row["metrics"]["reports/mnist/tuned_cnn/train/metrics.json"]  # DVCLive's: validation figures
         assert 10 < metrics["val"]["accuracy"] <= 100 and metrics["step"] == 1
