@@ -94,11 +94,14 @@ class Augment(Strict):
 
 
 class Recipe(Strict):
-    optimizer: Literal["sgd", "adam"]
+    # muon: Muon on the convolution filters (pipeline/muon.py; for networks with a BatchNorm after every convolution),
+    # SGD with lr, momentum, nesterov and weight_decay on the rest
+    optimizer: Literal["sgd", "adam", "muon"]
     lr: float = Field(gt=0, le=MAX_LR)
+    filter_lr: float | None = Field(None, gt=0, le=MAX_LR)  # muon only: the convolution filters' learning rate
     momentum: float = Field(0.0, ge=0, lt=1)
     nesterov: bool = False  # SGD with Nesterov momentum
-    weight_decay: float = Field(0.0, ge=0, lt=1)  # L2 on the weights of convolutions and linear layers only
+    weight_decay: float = Field(0.0, ge=0, lt=1)  # L2 on the weights of convolutions (not muon's) and linear layers only
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     batch_size: int = Field(gt=0)
     drop_last: bool = False
@@ -113,9 +116,11 @@ class Recipe(Strict):
     scheduler: Plateau | OneCycle | None = None
 
     @model_validator(mode="after")
-    def nesterov_needs_sgd_momentum(self) -> Recipe:
-        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
-            raise ValueError("nesterov: needs optimizer sgd with a momentum above 0")
+    def optimizer_settings(self) -> Recipe:
+        if self.nesterov and (self.optimizer == "adam" or self.momentum == 0):
+            raise ValueError("nesterov: needs optimizer sgd or muon with a momentum above 0")
+        if (self.filter_lr is None) == (self.optimizer == "muon"):
+            raise ValueError("filter_lr: the convolution filters' learning rate, set for optimizer muon only")
         return self
 
 

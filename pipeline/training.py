@@ -19,6 +19,7 @@ from pipeline.common import PipelineError
 from pipeline.datasets import read_facts, training_splits
 from pipeline.distributed import ONE_PROCESS, Ranks, join, ranks, total
 from pipeline.models import Checkpoint, RunFacts, create_model, inference_model
+from pipeline.muon import FilterMuon
 from pipeline.params import PARAMS_FILE, OneCycle, Params, Recipe
 from pipeline.tensors import amp_dtype, device_name, full_fp32, pick_device, precision_label, predict_logits, score, to_inputs
 
@@ -34,11 +35,17 @@ class Diverged(PipelineError):
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     """The recipe's optimiser; weight decay applies to the weights of convolutions and linear layers, not to
-    biases or BatchNorm."""
+    biases or BatchNorm. `muon`: the convolution filters (4-D weights) in a last group of their own, at `filter_lr`."""
     params = list(model.parameters())
+    filters = [p for p in params if p.ndim == 4] if recipe.optimizer == "muon" else []
+    params = [p for p in params if p.ndim != 4] if filters else params
     if recipe.weight_decay:
         params = [{"params": [p for p in params if p.ndim > 1], "weight_decay": recipe.weight_decay},
                   {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    if recipe.optimizer == "muon":
+        groups = params if recipe.weight_decay else [{"params": params}]
+        return FilterMuon([*groups, {"params": filters, "lr": recipe.filter_lr, "orthogonal": True}], lr=recipe.lr,
+                          momentum=recipe.momentum, nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
     fused = True if next(model.parameters()).is_cuda else None  # one kernel for all weights, not one each
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov, fused=fused)
@@ -113,8 +120,10 @@ def fit(model, recipe: Recipe, train_x, train_y, val_x, val_y, *, seed: int, eva
         steps = batches_per_epoch(len(train_x), recipe.batch_size, recipe.drop_last) * recipe.epochs
         # the warm-up must span 2 steps at least (fewer divide by zero in torch): a quick run on a few hundred
         # images gets the schedule's start only
+        # each group's lr is its peak (muon's filters have their own)
         per_batch = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=recipe.lr, total_steps=max(steps, math.ceil(2 / recipe.scheduler.pct_start)),
+            optimizer, max_lr=[group["lr"] for group in optimizer.param_groups],
+            total_steps=max(steps, math.ceil(2 / recipe.scheduler.pct_start)),
             **recipe.scheduler.model_dump(exclude={"kind"}))
     elif recipe.scheduler is not None:
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **recipe.scheduler.model_dump())

@@ -598,7 +598,8 @@ BAD_PARAMS = {  # id -> (params.yaml's text, what the one line says after 'Error
     "rotation-over-180": (params_text("rotate: 10 ", "rotate: 200 "),
                           "recipes.tuned_cnn.augment.rotate: Input should be less than or equal to 180 (got 200)"),
     "nesterov-without-momentum": (params_text("momentum: 0.9\n    nesterov: true", "momentum: 0.0\n    nesterov: true"),
-                                  "recipes.tuned_cnn: Value error, nesterov: needs optimizer sgd with a momentum above 0"),
+                                  "recipes.tuned_cnn: Value error, nesterov: needs optimizer sgd or muon with a momentum "
+                                  "above 0"),
     "not-utf-8": ("seed: \udcff\n", "cannot read params ("),
     "over-1-mb": ("#" * (MB + 1) + "\n" + params_text(), "cannot read params (not a regular file of at most 1 MB)"),
 }
