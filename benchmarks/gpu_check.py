@@ -102,7 +102,7 @@ def epoch_times(project: Path, device) -> None:
     for dataset in ("mnist", "fashion-mnist"):
         images, labels = load_split(project / "data" / dataset, "train")
         facts = read_facts(project / "data" / dataset)  # as training reads them
-        stats = facts.mean, facts.std
+        stats = facts.stats
         for arch in ("cnn", "tuned_cnn"):
             recipe, (mean, std) = params.recipe(arch), params.normalization(arch, stats)
             x = to_inputs(images, mean, std, device).contiguous(memory_format=torch.channels_last)

@@ -45,7 +45,7 @@ def training_throughput(params: Params, dataset: str, arch: str, data_dir: Path,
     """Images/s of the pipeline's loop and of the reference loop, alternated, medians over repeats."""
     recipe = params.recipe(arch)
     facts = read_facts(data_dir)  # the data stage's pixel statistics, as training reads them
-    stats = facts.mean, facts.std
+    stats = facts.stats
     mean, std = params.normalization(arch, stats)
     images, labels = load_split(data_dir, "train")
     x, y = to_inputs(images, mean, std, device), torch.from_numpy(labels).to(device)

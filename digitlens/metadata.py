@@ -65,7 +65,11 @@ class ModelInfo:
     preprocess: str  # one of PREPROCESSING
     model_args: dict = field(default_factory=dict)  # the architecture's constructor arguments, classes aside
     params: dict = field(default_factory=dict)  # what trained it: seed, device, recipe, augmentation, data, train
-    test_flip: bool = False  # the graph averages each image's logits with its mirror image's (test-time flips)
+    # test-time views: the graph averages each image's logits with those of its mirror image (test_flip), of it
+    # zoomed in and out by test_zoom (a fraction) and rotated by +-test_rotate degrees (and their mirror images)
+    test_flip: bool = False
+    test_zoom: float = 0.0
+    test_rotate: float = 0.0
     test_accuracy: float | None = None
     input: dict = field(default_factory=lambda: dict(INPUT_SPEC))
     output: str = OUTPUT_NAME
@@ -79,6 +83,11 @@ class ModelInfo:
     def size(self) -> int:
         return self.input["shape"][2]
 
+    @property
+    def forward_passes(self) -> int:
+        """The model's passes per image: one per test-time view."""
+        return (1 + 2 * bool(self.test_zoom) + 2 * bool(self.test_rotate)) * (2 if self.test_flip else 1)
+
     def to_metadata(self) -> dict[str, str]:
         """String -> JSON string, as ONNX metadata_props and TorchScript _extra_files hold them."""
         return {
@@ -91,6 +100,8 @@ class ModelInfo:
             "preprocess": json.dumps(self.preprocess),
             "model_args": json.dumps(self.model_args, sort_keys=True),
             "test_flip": json.dumps(self.test_flip),
+            "test_zoom": json.dumps(self.test_zoom),
+            "test_rotate": json.dumps(self.test_rotate),
             "test_accuracy": json.dumps(self.test_accuracy),
             "params": json.dumps(self.params, sort_keys=True),
             "export_id": json.dumps(self.export_id),
@@ -130,6 +141,7 @@ class ModelInfo:
         test_flip = values.get("test_flip", False)
         if not isinstance(test_flip, bool):
             raise MetadataError(f"model metadata: test_flip must be true or false (got {test_flip!r})")
+        test_zoom, test_rotate = (_number(values.get(k, 0.0), k) for k in ("test_zoom", "test_rotate"))
         return cls(
             dataset=_string(values["dataset"], "dataset"),
             architecture=_string(values["architecture"], "architecture"),
@@ -139,6 +151,8 @@ class ModelInfo:
             preprocess=_string(values["preprocess"], "preprocess"),
             model_args=model_args,
             test_flip=test_flip,
+            test_zoom=test_zoom,
+            test_rotate=test_rotate,
             test_accuracy=None if accuracy is None else _number(accuracy, "test_accuracy"),
             params=params,
             input=spec,

@@ -36,17 +36,26 @@ def affine_draws(n: int, generator: torch.Generator, *, rotate: float = 0.0, she
                         uniform(n, -translate, translate, generator)], 1)
 
 
-def random_affine(x: torch.Tensor, draws: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-    """Warp each image of a batch (B, C, H, W) by its row of `draws` (B, AFFINE_COLUMNS), on x's device; pixels
-    from outside the image take the value `fill` (the background: -mean/std once standardised)."""
-    _, _, h, w = x.shape
-    angle, skew, zoom, dx, dy = draws.to(x.dtype).unbind(1)
-    # grid_sample maps each output position to the input position it reads: the inverse warp, so divide by zoom
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+def affine_grid(draws: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """The sampling grid (B, H, W, 2) that warps images of `shape` (B, C, H, W) by their rows of `draws`
+    (B, AFFINE_COLUMNS): grid_sample maps each output position to the input position it reads, the inverse warp."""
+    _, _, h, w = shape
+    angle, skew, zoom, dx, dy = draws.unbind(1)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom  # the inverse warp: divide by zoom
     theta = torch.stack([torch.stack([cos, cos * skew - sin, dx * 2 / w], 1),
                          torch.stack([sin, sin * skew + cos, dy * 2 / h], 1)], 1)  # (B, 2, 3)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.affine_grid(theta, shape, align_corners=False)
+
+
+def warp(x: torch.Tensor, grid: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """A batch (B, C, H, W) resampled at `grid` (B, H, W, 2), bilinear; pixels from outside the image take the
+    value `fill` (the background: -mean/std once standardised)."""
     return F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+
+
+def random_affine(x: torch.Tensor, draws: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """Warp each image of a batch (B, C, H, W) by its row of `draws` (B, AFFINE_COLUMNS), on x's device."""
+    return warp(x, affine_grid(draws.to(x.dtype), list(x.shape)), fill)
 
 
 def erasing_draws(n: int, generator: torch.Generator, *, p: float, area: tuple[float, float] = (0.02, 0.25),

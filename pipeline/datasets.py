@@ -162,6 +162,11 @@ class DataFacts:
     skipped: list[list[str]] = field(default_factory=list)  # [file, why] of files skipped (skip_bad)
     ignored: int = 0  # files that are not images by their suffix
 
+    @property
+    def stats(self) -> tuple[float, float]:
+        """The training pixels' (mean, std)."""
+        return self.mean, self.std
+
 
 def pixel_stats(data_dir: str | os.PathLike) -> tuple[float, float]:
     """(mean, std) in [0, 1] of every pixel of the training images, summed STATS_CHUNK bytes at a time."""

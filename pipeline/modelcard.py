@@ -47,6 +47,20 @@ def recipe_text(params: dict) -> str:
     return ", ".join(parts)
 
 
+def views_text(info: ModelInfo) -> str:
+    """What the graph averages per image (the test-time views), for the card's input line."""
+    warps = [f"zoomed in and out by {info.test_zoom:.0%}" if info.test_zoom else "",
+             f"rotated by +-{info.test_rotate:g} degrees" if info.test_rotate else ""]
+    warps = " or ".join(w for w in warps if w)
+    if not (warps or info.test_flip):
+        return ""
+    what = f"the image and the same {warps}" if warps else "the image"
+    if info.test_flip:
+        what += ", and the mirror images of these" if warps else " and its mirror image"
+    return (f", the mean of the logits of {what} (test-time views, in the graph: {info.forward_passes} forward passes "
+            "per image)")
+
+
 def model_card(name: str, info: ModelInfo, per_class: dict[str, float], parity: dict, sha256: dict[str, str]) -> str:
     """Markdown for the model `name` (its file stem), from its metadata, per-class accuracy, parity report and
     the SHA-256 of each of its files (file name -> hex digest)."""
@@ -64,8 +78,7 @@ def model_card(name: str, info: ModelInfo, per_class: dict[str, float], parity: 
         f"{' light on dark' if info.input.get('polarity') == 'light-on-dark' else ''}, "
         f"then `(x - {info.mean:g}) / {info.std:g}`;"
         f" output `{info.output}`: logits over {len(info.class_names)} classes"
-        + (", the mean of the logits of the image and of its mirror image (test-time flips, in the graph: two "
-           "forward passes per image)" if info.test_flip else ""),
+        + views_text(info),
         f"- Preprocessing of users' images: `{info.preprocess}`",
         f"- Parity with PyTorch on the test set: ONNX max |logit diff| {parity['onnx']['max_abs_diff']:.1e}, "
         f"TorchScript {parity['torchscript']['max_abs_diff']:.1e}, "

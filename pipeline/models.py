@@ -6,6 +6,7 @@ from the data set. At 28x28 grey each keeps its reference layers; at another sha
 channels and the first linear layer takes whatever the convolutions leave (the pooling halves as before)."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from digitlens.files import atomic_path
 from digitlens.metadata import IMAGE_SIZE, ModelInfo
+from pipeline.augment import affine_grid, warp
 from pipeline.common import PipelineError
 
 MODELS: dict[str, type[nn.Module]] = {}
@@ -163,21 +165,46 @@ class TunedCNN(nn.Module):
         return self.head(self.features(x))
 
 
-class MirrorAveraged(nn.Module):
-    """Test-time flips inside the graph: the mean of `model`'s logits for each image and its mirror image (the
-    recipes' `test_flip`, on flip-invariant data sets). It shares the model's weights; exports carry both passes."""
+class ViewAveraged(nn.Module):
+    """Test-time augmentation inside the graph: the mean of `model`'s logits over each image and its views: zoomed
+    in and out by `zoom` (a fraction), rotated by +-`rotate` degrees, and, with `flip`, the mirror images of all
+    of these (the recipes' test_zoom, test_rotate, test_flip, each where the data set allows it). It shares the
+    model's weights and runs all views of a batch as one batch; exports carry the views. `size`: the images' side;
+    `fill`: the background's input value, for pixels a view brings in."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, size: int, *, flip: bool = False, zoom: float = 0.0, rotate: float = 0.0,
+                 fill: float = 0.0):
         super().__init__()
-        self.model = model
+        self.model, self.flip, self.fill = model, flip, fill
+        draws = [[0.0, 0.0, 1 + z, 0.0, 0.0] for z in ((-zoom, zoom) if zoom else ())]
+        draws += [[math.radians(a), 0.0, 1.0, 0.0, 0.0] for a in ((rotate, -rotate) if rotate else ())]
+        grids = (affine_grid(torch.tensor(draws), [len(draws), 1, size, size]) if draws
+                 else torch.empty(0, size, size, 2))
+        self.register_buffer("grids", grids, persistent=False)  # (views, H, W, 2), fixed by the recipe
+
+    @property
+    def views(self) -> int:
+        """Forward passes per image."""
+        return (1 + len(self.grids)) * (2 if self.flip else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, classes)
-        return (self.model(x) + self.model(x.flip(-1))) / 2
+        b, (v, h, w, _) = x.shape[0], self.grids.shape
+        views = [x]
+        if v:  # each view of the whole batch in turn: (v * B, C, H, W)
+            views.append(warp(x.repeat(v, 1, 1, 1), self.grids[:, None].expand(v, b, h, w, 2).reshape(-1, h, w, 2),
+                              self.fill))
+        x = torch.cat(views)
+        if self.flip:
+            x = torch.cat([x, x.flip(-1)])
+        return self.model(x).reshape(self.views, b, -1).mean(0)
 
 
-def inference_model(model: nn.Module, test_flip: bool) -> nn.Module:
-    """`model` as it classifies at test time: averaged with its mirror images when `test_flip`."""
-    return MirrorAveraged(model) if test_flip else model
+def inference_model(model: nn.Module, info: ModelInfo) -> nn.Module:
+    """`model` as it classifies at test time: averaged over the test-time views `info` names, if any."""
+    if not (info.test_flip or info.test_zoom or info.test_rotate):
+        return model
+    return ViewAveraged(model, info.size, flip=info.test_flip, zoom=info.test_zoom, rotate=info.test_rotate,
+                        fill=-info.mean / info.std)
 
 
 @dataclass(frozen=True)
@@ -205,12 +232,12 @@ class Checkpoint:
     run: RunFacts
 
     def model(self) -> nn.Module:
-        """The trained model as it classifies (with its test-time flips, if any), rebuilt from its facts, in eval
+        """The trained model as it classifies (with its test-time views, if any), rebuilt from its facts, in eval
         mode."""
         model = create_model(self.info.architecture, num_classes=len(self.info.class_names),
                              channels=self.info.channels, size=self.info.size, **self.info.model_args)
         model.load_state_dict(self.state_dict)
-        return inference_model(model, self.info.test_flip).eval()
+        return inference_model(model, self.info).eval()
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> None:

@@ -8,6 +8,7 @@ place of weight decay. `torch.optim.Muon` takes 2-D parameters only, hence this 
 from __future__ import annotations
 
 import torch
+from torch.optim.sgd import sgd
 
 # the quintic Newton-Schulz iteration of Keller Jordan's Muon (also torch.optim.Muon's): five steps take every
 # singular value of a matrix of norm <= 1 to about [0.7, 1.2], which its authors found as good as exactly 1
@@ -25,15 +26,15 @@ def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
         x = x.T
     for _ in range(steps):
         s = x @ x.T
-        x = a * x + (b * s + c * s @ s) @ x
+        x = torch.addmm(x, torch.addmm(s, s, s, beta=b, alpha=c), x, beta=a)  # a x + (b s + c s^2) x
     return (x.T if tall else x).to(g.dtype)
 
 
 class FilterMuon(torch.optim.Optimizer):
-    """SGD with momentum (Nesterov's if `nesterov`) and L2 weight decay, as torch.optim.SGD computes it, on every
-    group but those with `orthogonal=True`: for those (the convolution filters), the momentum update is
-    orthogonalised and each filter bank is held at Frobenius norm sqrt(output channels), with no weight decay. Only
-    for filters that a BatchNorm follows, which makes their scale irrelevant."""
+    """SGD with momentum (Nesterov's if `nesterov`) and L2 weight decay, torch.optim.SGD's own step, on every group
+    but those with `orthogonal=True`: for those (the convolution filters), the momentum update is orthogonalised and
+    each filter bank is held at Frobenius norm sqrt(output channels), with no weight decay. Only for filters that a
+    BatchNorm follows, which makes their scale irrelevant."""
 
     def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
@@ -47,26 +48,30 @@ class FilterMuon(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            momentum, orthogonal = group["momentum"], group["orthogonal"]
-            if group["weight_decay"] and not orthogonal:
-                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-            if momentum:
-                buffers = []
-                for p, g in zip(params, grads):
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:  # as torch.optim.SGD: the first buffer is the gradient
-                        state["momentum_buffer"] = g.clone()
-                    else:
-                        state["momentum_buffer"].mul_(momentum).add_(g)
-                    buffers.append(state["momentum_buffer"])
-                grads = torch._foreach_add(grads, buffers, alpha=momentum) if group["nesterov"] else buffers
-            if orthogonal:
-                for p, g in zip(params, grads):
-                    p.mul_(len(p) ** 0.5 / p.norm())
-                    p.add_(orthogonalize(g.reshape(len(g), -1)).view_as(p), alpha=-group["lr"])
+            buffers = [self.state[p].get("momentum_buffer") for p in params]
+            if group["orthogonal"]:
+                filter_step(params, buffers, lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"])
             else:
-                torch._foreach_add_(params, grads, alpha=-group["lr"])
+                sgd(params, [p.grad for p in params], buffers, weight_decay=group["weight_decay"],
+                    momentum=group["momentum"], lr=group["lr"], dampening=0.0, nesterov=group["nesterov"],
+                    maximize=False)
+            if group["momentum"]:
+                for p, buffer in zip(params, buffers):
+                    self.state[p]["momentum_buffer"] = buffer
         return loss
+
+
+def filter_step(params: list[torch.Tensor], buffers: list[torch.Tensor | None], *, lr: float, momentum: float,
+                nesterov: bool) -> None:
+    """Muon's step on filter banks (out, in, kh, kw), in place; `buffers` are their momentum buffers (None before
+    the first step: then filled in, with the gradient, as torch.optim.SGD does)."""
+    for i, p in enumerate(params):
+        update = p.grad
+        if momentum:
+            if buffers[i] is None:
+                buffers[i] = update.clone()
+            else:
+                buffers[i].mul_(momentum).add_(update)
+            update = update.add(buffers[i], alpha=momentum) if nesterov else buffers[i]
+        p.mul_(len(p) ** 0.5 / p.norm())
+        p.add_(orthogonalize(update.reshape(len(p), -1)).view_as(p), alpha=-lr)

@@ -108,9 +108,12 @@ class Recipe(Strict):
     epochs: int = Field(gt=0)
     normalize: bool = False  # standardise with the data set's mean/std, else only scale to [0, 1]
     hflip: bool = False  # random horizontal flip augmentation, on flip-invariant data sets only
-    # test-time flips, on flip-invariant data sets only: the model's logits averaged over each image and its mirror
-    # image, inside the exported graph (two forward passes per image)
+    # test-time views, inside the exported graph: the model's logits averaged over each image and its mirror image
+    # (test_flip: on flip-invariant data sets only), the image zoomed in and out by test_zoom (a fraction) and
+    # rotated by +-test_rotate degrees (where poses vary only); one forward pass per view
     test_flip: bool = False
+    test_zoom: float = Field(0.0, ge=0, le=0.5)
+    test_rotate: float = Field(0.0, ge=0, le=45)
     augment: Augment = Augment()
     model_args: dict[str, Any] = {}
     scheduler: Plateau | OneCycle | None = None
@@ -371,8 +374,12 @@ class Params(DatasetsAndModels):
     def hflip(self, dataset: str, arch: str) -> bool:
         return self.recipes[arch].hflip and self.datasets[dataset].flip_invariant
 
-    def test_flip(self, dataset: str, arch: str) -> bool:
-        return self.recipes[arch].test_flip and self.datasets[dataset].flip_invariant
+    def test_views(self, dataset: str, arch: str) -> dict[str, Any]:
+        """The recipe's test-time views less what would change labels on `dataset`: ModelInfo's test_flip,
+        test_zoom and test_rotate."""
+        recipe, ds = self.recipes[arch], self.datasets[dataset]
+        return {"test_flip": recipe.test_flip and ds.flip_invariant, "test_zoom": recipe.test_zoom,
+                "test_rotate": recipe.test_rotate if ds.pose_varies else 0.0}
 
     def augment(self, dataset: str, arch: str) -> Augment:
         """The recipe's augmentation less what would change labels on `dataset`."""

@@ -36,20 +36,19 @@ class Diverged(PipelineError):
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     """The recipe's optimiser; weight decay applies to the weights of convolutions and linear layers, not to
     biases or BatchNorm. `muon`: the convolution filters (4-D weights) in a last group of their own, at `filter_lr`."""
-    params = list(model.parameters())
-    filters = [p for p in params if p.ndim == 4] if recipe.optimizer == "muon" else []
-    params = [p for p in params if p.ndim != 4] if filters else params
-    if recipe.weight_decay:
-        params = [{"params": [p for p in params if p.ndim > 1], "weight_decay": recipe.weight_decay},
-                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    if recipe.optimizer == "muon":
-        groups = params if recipe.weight_decay else [{"params": params}]
+    muon = recipe.optimizer == "muon"
+    params = [p for p in model.parameters() if not (muon and p.ndim == 4)]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": recipe.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}] if recipe.weight_decay else [
+              {"params": params}]
+    if muon:
+        filters = [p for p in model.parameters() if p.ndim == 4]
         return FilterMuon([*groups, {"params": filters, "lr": recipe.filter_lr, "orthogonal": True}], lr=recipe.lr,
                           momentum=recipe.momentum, nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
     fused = True if next(model.parameters()).is_cuda else None  # one kernel for all weights, not one each
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov, fused=fused)
-    return torch.optim.Adam(params, lr=recipe.lr, fused=fused)
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov, fused=fused)
+    return torch.optim.Adam(groups, lr=recipe.lr, fused=fused)
 
 
 NO_AUGMENTATION = Augmentation()
@@ -103,14 +102,15 @@ def train_epoch(model, optimizer, x, y, batches, augment: Augmentation | None = 
 
 
 def fit(model, recipe: Recipe, train_x, train_y, val_x, val_y, *, seed: int, eval_batch_size: int,
-        amp: torch.dtype | None = None, augment: Augmentation = NO_AUGMENTATION, test_flip: bool = False, log=print,
-        on_epoch: Callable[[dict], None] | None = None, at: Ranks = ONE_PROCESS) -> list[dict]:
+        amp: torch.dtype | None = None, augment: Augmentation = NO_AUGMENTATION, info: ModelInfo | None = None,
+        log=print, on_epoch: Callable[[dict], None] | None = None, at: Ranks = ONE_PROCESS) -> list[dict]:
     """Train `model` in place with `recipe` and `augment` (what the data set allows of the recipe's
-    augmentation), scoring the validation images after each epoch as the model will classify (with `test_flip`);
-    returns the per-epoch history, each row also given to `on_epoch` as soon as it is known. Under torchrun (`at`:
-    this process's rank of `at.world`), every rank draws the same permutation and augmentation and trains on its
-    share of each batch (DistributedDataParallel averages the gradients); rank 0 alone scores, logs and calls
-    `on_epoch` (the other ranks return an empty history)."""
+    augmentation), scoring the validation images after each epoch: the network alone, and after the last epoch as
+    the model will classify (with the test-time views `info` names, if any); returns the per-epoch history, each
+    row also given to `on_epoch` as soon as it is known. Under torchrun (`at`: this process's rank of `at.world`),
+    every rank draws the same permutation and augmentation and trains on its share of each batch
+    (DistributedDataParallel averages the gradients); rank 0 alone scores, logs and calls `on_epoch` (the other
+    ranks return an empty history)."""
     generator = torch.Generator().manual_seed(seed)
     net = model if at.world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[train_x.device.index] if train_x.device.type == "cuda" else None)
@@ -127,7 +127,7 @@ def fit(model, recipe: Recipe, train_x, train_y, val_x, val_y, *, seed: int, eva
             **recipe.scheduler.model_dump(exclude={"kind"}))
     elif recipe.scheduler is not None:
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **recipe.scheduler.model_dump())
-    classifier = inference_model(model, test_flip)
+    classifier = inference_model(model, info).to(train_x.device) if info is not None else model
     history = []
     for epoch in range(1, recipe.epochs + 1):
         start = time.perf_counter()
@@ -150,7 +150,8 @@ def fit(model, recipe: Recipe, train_x, train_y, val_x, val_y, *, seed: int, eva
             plateau.step(last_loss)  # as tutorial 001: on the epoch's last batch loss
         if not at.main:
             continue
-        val_loss, val_acc = score(predict_logits(classifier, val_x, eval_batch_size), val_y)
+        scored = classifier if epoch == recipe.epochs else model  # the views multiply the cost: once
+        val_loss, val_acc = score(predict_logits(scored, val_x, eval_batch_size), val_y)
         seconds = time.perf_counter() - start
         row = {"epoch": epoch, **dict(zip(EPOCH_METRICS, (train_loss, val_loss, val_acc, lr, seconds)))}
         history.append(row)
@@ -176,7 +177,7 @@ def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=pri
     log = log or (lambda msg: None)
     torch.manual_seed(params.seed)
     facts = read_facts(data_dir)
-    mean, std = params.normalization(arch, (facts.mean, facts.std))
+    mean, std = params.normalization(arch, facts.stats)
     (train_images, train_labels), val = training_splits(data_dir, params.data.val_fraction)
     val_images, val_labels = (a[:monitor] for a in val)
     if params.data.train_limit is not None:
@@ -201,12 +202,19 @@ def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=pri
     log(f"training {arch} on {dataset} ({len(train_x)} images, {len(val_x)} for validation) on {device} ({precision}"
         f"{f', {threads} threads' if threads else ''}{f', {at.world} processes' if at.world > 1 else ''}): "
         f"{recipe.optimizer} lr {recipe.lr} batch {recipe.batch_size} epochs {recipe.epochs}")
+    preprocess = params.datasets[dataset].preprocess
+    info = ModelInfo(dataset=dataset, architecture=arch, class_names=list(facts.classes), mean=mean, std=std,
+                     preprocess=preprocess, model_args=dict(recipe.model_args),
+                     input=input_spec(facts.channels, facts.size, preprocess), **params.test_views(dataset, arch),
+                     params={"seed": params.seed, "device": params.device, "recipe": recipe.model_dump(),
+                             "hflip": params.hflip(dataset, arch), "augment": params.augment(dataset, arch).model_dump(),
+                             "data": params.data.model_dump(), "train": params.train.model_dump()})
     start = time.perf_counter()
     try:
         history = fit(model, recipe, train_x, train_y, val_x, val_y, seed=params.seed,
                       eval_batch_size=params.eval_batch(device.type), amp=amp,
-                      augment=augmentation(params, dataset, arch, (facts.mean, facts.std)),
-                      test_flip=params.test_flip(dataset, arch), log=log, on_epoch=on_epoch, at=at)
+                      augment=augmentation(params, dataset, arch, facts.stats), info=info, log=log,
+                      on_epoch=on_epoch, at=at)
     except Diverged as e:
         raise PipelineError(f"{arch} on {dataset} diverged, {e}: lower recipes.{arch}.lr ({recipe.lr:g}), or check "
                             f"the data's pixel mean/std ({mean:g}/{std:g}, data/{dataset}/dataset.json); nothing written"
@@ -217,14 +225,6 @@ def train(params: Params, dataset: str, arch: str, data_dir: str | Path, log=pri
         raise PipelineError(f"process {at.rank} of {at.world}: another process failed or stopped "
                             f"({first_line(e)}); nothing written") from None
     train_time = time.perf_counter() - start
-    preprocess = params.datasets[dataset].preprocess
-    info = ModelInfo(dataset=dataset, architecture=arch, class_names=list(facts.classes), mean=mean, std=std,
-                     preprocess=preprocess, model_args=dict(recipe.model_args),
-                     input=input_spec(facts.channels, facts.size, preprocess),
-                     test_flip=params.test_flip(dataset, arch),
-                     params={"seed": params.seed, "device": params.device, "recipe": recipe.model_dump(),
-                             "hflip": params.hflip(dataset, arch), "augment": params.augment(dataset, arch).model_dump(),
-                             "data": params.data.model_dump(), "train": params.train.model_dump()})
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     parameters = sum(p.numel() for p in model.parameters())
     return Checkpoint(info, state, history, RunFacts(train_time, len(history), parameters, device_name(device), precision,

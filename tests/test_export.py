@@ -68,10 +68,10 @@ def test_onnx_and_torchscript_match_pytorch(exported_random, batch):
         np.testing.assert_array_equal(out.argmax(1), reference.argmax(1))
 
 
-def test_test_time_flips_are_in_the_exported_graphs(tmp_path):
+def test_test_time_views_are_in_the_exported_graphs(tmp_path):
     torch.manual_seed(0)
-    model = inference_model(create_model("cnn"), test_flip=True).eval()
-    info = dataclasses.replace(info_for("cnn", "fashion-mnist"), test_flip=True)
+    info = dataclasses.replace(info_for("cnn", "fashion-mnist"), test_flip=True, test_zoom=0.05, test_rotate=5)
+    model = inference_model(create_model("cnn"), info).eval()
     rng = np.random.default_rng(0)
     x, labels = rng.random((200, 1, 28, 28), np.float32), rng.integers(0, 10, 200)
     info, ts_bytes, onnx_bytes, report = ex.export(model, info, x, labels, batch_size=64)
@@ -80,10 +80,14 @@ def test_test_time_flips_are_in_the_exported_graphs(tmp_path):
     session = onnx_session(tmp_path / "m.onnx")
     out, mirrored = (session.run([OUTPUT_NAME], {INPUT_NAME: a})[0] for a in (x[:8], np.ascontiguousarray(x[:8, ..., ::-1])))
     np.testing.assert_allclose(out, mirrored, atol=1e-5)  # an image and its mirror image: one answer
+    with torch.inference_mode():  # the ten views, as PyTorch averages them, for any batch size
+        np.testing.assert_allclose(out[:3], model(torch.from_numpy(x[:3])).numpy(), atol=ex.TOLERANCE)
     scripted, ts_info = load_torchscript(tmp_path / "m.pt")
     with torch.inference_mode():
         np.testing.assert_allclose(scripted(torch.from_numpy(x[:8])).numpy(), out, atol=ex.TOLERANCE)
-    assert ModelInfo.from_metadata(session.get_modelmeta().custom_metadata_map).test_flip and ts_info.test_flip
+    onnx_info = ModelInfo.from_metadata(session.get_modelmeta().custom_metadata_map)
+    for views in (onnx_info, ts_info):
+        assert (views.test_flip, views.test_zoom, views.test_rotate) == (True, 0.05, 5)
     assert report["onnx"]["argmax_mismatches"] == 0
 
 

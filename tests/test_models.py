@@ -1,7 +1,11 @@
+import math
+
 import pytest
 import torch
 
-from pipeline.models import MODELS, MirrorAveraged, create_model, inference_model, list_models
+from digitlens.metadata import ModelInfo
+from pipeline.augment import random_affine
+from pipeline.models import MODELS, ViewAveraged, create_model, inference_model, list_models
 
 
 def test_registry_has_the_four_reference_architectures_and_the_tuned_one():
@@ -47,14 +51,37 @@ def test_parameter_counts():
     assert counts["simple_cnn"] == (10 * 25 + 10) + (20 * 10 * 25 + 20) + (320 * 10 + 10)
 
 
+def views_info(**views) -> ModelInfo:
+    return ModelInfo("fashion-mnist", "cnn", [str(i) for i in range(10)], 0.2, 0.35, "fashion", **views)
+
+
 def test_test_time_flips_average_each_image_with_its_mirror_image():
     torch.manual_seed(0)
     model = create_model("cnn").eval()
     x = torch.rand(4, 1, 28, 28)
-    averaged = inference_model(model, test_flip=True).eval()
-    assert isinstance(averaged, MirrorAveraged) and inference_model(model, test_flip=False) is model
+    averaged = inference_model(model, views_info(test_flip=True)).eval()
+    assert isinstance(averaged, ViewAveraged) and averaged.views == 2 and inference_model(model, views_info()) is model
     with torch.inference_mode():
         expected = (model(x) + model(torch.flip(x, dims=[3]))) / 2
         torch.testing.assert_close(averaged(x), expected)
         torch.testing.assert_close(averaged(torch.flip(x, dims=[3])), averaged(x))  # mirror images: one answer
     assert averaged.state_dict().keys() == {f"model.{k}" for k in model.state_dict()}  # the same weights, shared
+
+
+def test_test_time_views_average_zoomed_and_rotated_images():
+    torch.manual_seed(0)
+    model = create_model("cnn").eval()
+    x = torch.rand(4, 1, 28, 28)
+    info = views_info(test_flip=True, test_zoom=0.05, test_rotate=5)
+    averaged = inference_model(model, info).eval()
+    assert averaged.views == info.forward_passes == 10  # (the image, 2 zooms, 2 rotations) x mirror images
+    fill = -info.mean / info.std
+    draws = torch.tensor([[0, 0, 0.95, 0, 0], [0, 0, 1.05, 0, 0], [math.radians(5), 0, 1, 0, 0],
+                          [math.radians(-5), 0, 1, 0, 0]])
+    views = [x, *(random_affine(x, d.expand(len(x), 5), fill) for d in draws)]
+    views += [v.flip(-1) for v in views]
+    with torch.inference_mode():
+        torch.testing.assert_close(averaged(x), sum(model(v) for v in views) / 10)
+    blank = torch.full((1, 1, 28, 28), fill)  # background only: the views bring in background, not black
+    with torch.inference_mode():
+        torch.testing.assert_close(averaged(blank), model(blank))

@@ -38,11 +38,13 @@ def test_augmentation_follows_the_data_set_properties():
     assert clothes.erase > 0 and clothes.rotate == clothes.shear == clothes.scale == 0
     assert digits.translate == clothes.translate > 0
     assert (params.hflip("mnist", "tuned_cnn"), params.hflip("fashion-mnist", "tuned_cnn")) == (False, True)
-    # test-time flips follow the same property, whatever a recipe asks
-    flips_asked = params.model_copy(update={"recipes": {
-        name: r.model_copy(update={"test_flip": True}) for name, r in params.recipes.items()}})
-    assert {(ds, flips_asked.test_flip(ds, "cnn")) for ds in ("mnist", "fashion-mnist")} == {
-        ("mnist", False), ("fashion-mnist", True)}
+    # test-time views follow the same properties, whatever a recipe asks: flips where flip-invariant, rotations
+    # where poses vary, zooms everywhere
+    views_asked = params.model_copy(update={"recipes": {
+        name: r.model_copy(update={"test_flip": True, "test_zoom": 0.1, "test_rotate": 8})
+        for name, r in params.recipes.items()}})
+    assert views_asked.test_views("mnist", "cnn") == {"test_flip": False, "test_zoom": 0.1, "test_rotate": 8}
+    assert views_asked.test_views("fashion-mnist", "cnn") == {"test_flip": True, "test_zoom": 0.1, "test_rotate": 0.0}
     # the reference recipes get none
     assert params.augment("mnist", "cnn") == params.augment("fashion-mnist", "cnn") == type(digits)()
 
