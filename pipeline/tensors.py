@@ -48,7 +48,6 @@ def to_inputs(images: np.ndarray, mean: float, std: float, device: torch.device)
 
 
 @torch.inference_mode()
-@torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     model.eval()
     return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
