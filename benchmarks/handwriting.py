@@ -43,26 +43,36 @@ def errors_table(rows: list[dict], names: list[str]) -> str:
     return table(cells, ["variant", "images", *(f"{n} errors" for n in names)])
 
 
-@click.command(help="Redraw the first --count MNIST test digits as people write them (thicker, thinner, rotated "
-                    "+-15 degrees, slanted 20 degrees, narrower, wider), save each as a PNG a user could send, "
-                    "classify the files as `infer` does with every --model, and print each model's errors per "
-                    "change. With several models, also how many fewer errors each makes than the first.")
+@click.command(help="Redraw the first --count MNIST test digits (or, with --split val, validation digits) as people "
+                    "write them (thicker, thinner, rotated +-15 degrees, slanted 20 degrees, narrower, wider), save "
+                    "each as a PNG a user could send, classify the files as `infer` does with every --model, and "
+                    "print each model's errors per change. With several models, also how many fewer errors each "
+                    "makes than the first.")
 @click.option("--model", "model_paths", required=True, multiple=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path), help="An MNIST .onnx model; repeat to compare.")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="A fetched MNIST folder (its test split is used).")
-@click.option("--count", default=1000, show_default=True, type=click.IntRange(min=1), help="Test images (the first N).")
+              help="A fetched MNIST folder (its test split is used, unless --split val).")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["test", "val"]),
+              help="Which digits: the test images, or the validation images carved from the training images as the "
+                   "train stage carves them (params.yaml's data.val_fraction), for comparing recipes without the "
+                   "test set.")
+@click.option("--count", default=1000, show_default=True, type=click.IntRange(min=1), help="Images (the first N).")
 @click.option("--seed", default=0, show_default=True, help="Size and placement of the drawn digits.")
-def main(model_paths, data_dir, count, seed) -> None:
-    from pipeline.datasets import load_split
+def main(model_paths, data_dir, split, count, seed) -> None:
+    from pipeline.datasets import load_split, training_splits
+    from pipeline.params import load_params
 
     classifiers = {path.stem: digit_classifier(path) for path in model_paths}
     if len(classifiers) < len(model_paths):
         raise BadUsage("--model: give each model once (and models with different file names)")
-    images, labels = load_split(data_dir, "test")
+    if split == "test":
+        images, labels = load_split(data_dir, "test")
+    else:
+        _, (images, labels) = training_splits(data_dir, load_params().data.val_fraction)
     rows = errors_by_style(classifiers, images[:count], labels[:count], seed)
     names = list(classifiers)
-    print(f"the first {rows[0]['images']} MNIST test digits, redrawn and saved as PNGs, classified as `infer` does; "
+    which = "test" if split == "test" else "validation"
+    print(f"the first {rows[0]['images']} MNIST {which} digits, redrawn and saved as PNGs, classified as `infer` does; "
           f"errors per model\n")
     print(errors_table(rows, names), end="")
     for name in names[1:]:

@@ -54,6 +54,10 @@ def test_handwriting_compares_models(exported, data_root):
         assert any(line.lstrip().startswith(style) for line in lines), style
     assert f"{other.stem} makes" in result.stdout and f"fewer errors than {first.stem}" in result.stdout
     assert any(line.lstrip().startswith("all changed") and " 240 " in line for line in lines)  # 8 changes x 30
+    # the validation digits instead, for comparing recipes without the test set
+    result = benchmark("handwriting", "--model", first, "--data", data_root / "mnist", "--split", "val", "--count", "5")
+    assert result.returncode == 0, result.stderr
+    assert "the first 5 MNIST validation digits" in result.stdout
 
 
 @pytest.mark.slow
