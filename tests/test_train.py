@@ -4,11 +4,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from digitlens.metadata import ModelInfo
 from pipeline import datasets
 from pipeline import training as tr
 from pipeline.common import PipelineError
 from pipeline.datasets import load_split, pixel_stats, split_validation
-from pipeline.models import create_model, list_models, load_checkpoint, save_checkpoint
+from pipeline.models import create_model, inference_model, list_models, load_checkpoint, save_checkpoint
 from pipeline.params import OneCycle
 from pipeline.reference import reference_dataset, reference_train_steps, reference_transform
 from pipeline.stages import train as train_stage
@@ -115,7 +116,11 @@ def test_checkpoint_rebuilds_the_model(arch, params, data_root, tmp_path):
     x = torch.rand(3, 1, 28, 28)
     fresh = create_model(arch, **info["model_args"]).eval()
     fresh.load_state_dict(raw["state_dict"])
-    torch.testing.assert_close(model(x), fresh(x))
+    # as it classifies: with the recipe's test-time views (the tuned one's zooms and rotations on digits)
+    views = ModelInfo(**info)
+    assert {k: getattr(views, k) for k in ("test_flip", "test_zoom", "test_rotate")} == params.test_views("mnist", arch)
+    assert (views.forward_passes > 1) == (arch == "tuned_cnn")
+    torch.testing.assert_close(model(x), inference_model(fresh, views)(x))
 
 
 @pytest.mark.slow
