@@ -2,6 +2,7 @@
 tables."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -24,8 +25,26 @@ class Stopped(BaseException):
     """SIGTERM or SIGINT, raised where the stage is, so that its clean-ups run (no `except Exception` takes it)."""
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def raise_stopped(signum, frame):
     raise Stopped(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def stops_deferred():
+    """Hold SIGTERM and SIGINT back while a clean-up runs (a stop signal arriving in the middle of one would leave
+    half of what it removes), then raise Stopped for the first that came. In the main thread, as stage_command."""
+    caught = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum)) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if caught:
+        raise_stopped(caught[0], None)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -54,7 +73,7 @@ def stage_command(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        previous = {signum: signal.signal(signum, raise_stopped) for signum in (signal.SIGTERM, signal.SIGINT)}
+        previous = {signum: signal.signal(signum, raise_stopped) for signum in STOP_SIGNALS}
         try:
             return fn(*args, **kwargs)
         except PipelineError as e:

@@ -33,7 +33,7 @@ from digitlens.metadata import ModelInfo
 from digitlens.text import one_line
 from pipeline import common, datasets
 from pipeline import download as data
-from pipeline.common import PipelineError
+from pipeline.common import PipelineError, Stopped, stops_deferred
 from tests.conftest import ROOT, tiny_onnx
 
 MB = 2**20
@@ -632,3 +632,16 @@ def test_billion_laughs_is_refused_in_one_line_within_bounded_memory(tmp_path):
     assert result.returncode == 1
     one_error(result.stderr, f"Error: {path}: cannot read params: line 1, column 7: anchors and aliases (&name, *name) "
                              "are not allowed")
+
+
+def test_a_stop_signal_during_a_clean_up_waits_for_its_end():
+    previous = signal.getsignal(signal.SIGTERM)
+    done = []
+    with pytest.raises(Stopped, match="SIGTERM"):
+        with stops_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs here: it only notes the signal
+            done.append("cleaned up")
+    assert done == ["cleaned up"] and signal.getsignal(signal.SIGTERM) is previous
+    with stops_deferred():  # no signal: nothing raised
+        pass

@@ -10,7 +10,7 @@ import click
 from dvclive import Live
 
 from pipeline import distributed
-from pipeline.common import PipelineError, stage_command, write_json
+from pipeline.common import PipelineError, stage_command, stops_deferred, write_json
 from pipeline.models import MODELS, save_checkpoint
 from pipeline.params import PARAMS_FILE, load_params
 from pipeline.training import EPOCH_METRICS, train
@@ -58,8 +58,11 @@ def main(dataset: str, arch: str, data_dir: str, out: str, live_dir: str, run_pa
     try:
         ckpt = train(params, dataset, arch, data_dir, params_file=params_file, on_epoch=log_epoch)
     except BaseException:
-        live.end()
-        shutil.rmtree(live_dir, ignore_errors=True)  # a failed training leaves no figures behind
+        # a failed training leaves no figures behind, even when a stop signal comes during the clean-up (torchrun
+        # stops the other processes when one fails, as their collectives fail)
+        with stops_deferred():
+            live.end()
+            shutil.rmtree(live_dir, ignore_errors=True)
         raise
     finally:
         distributed.stop()
