@@ -49,11 +49,11 @@ def recipe_text(params: dict) -> str:
 
 def views_text(info: ModelInfo) -> str:
     """What the graph averages per image (the test-time views), for the card's input line."""
+    if info.forward_passes == 1:
+        return ""
     warps = [f"zoomed in and out by {info.test_zoom:.0%}" if info.test_zoom else "",
              f"rotated by +-{info.test_rotate:g} degrees" if info.test_rotate else ""]
     warps = " or ".join(w for w in warps if w)
-    if not (warps or info.test_flip):
-        return ""
     what = f"the image and the same {warps}" if warps else "the image"
     if info.test_flip:
         what += ", and the mirror images of these" if warps else " and its mirror image"

@@ -201,7 +201,7 @@ class ViewAveraged(nn.Module):
 
 def inference_model(model: nn.Module, info: ModelInfo) -> nn.Module:
     """`model` as it classifies at test time: averaged over the test-time views `info` names, if any."""
-    if not (info.test_flip or info.test_zoom or info.test_rotate):
+    if info.forward_passes == 1:
         return model
     return ViewAveraged(model, info.size, flip=info.test_flip, zoom=info.test_zoom, rotate=info.test_rotate,
                         fill=-info.mean / info.std)
